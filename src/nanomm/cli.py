@@ -1,0 +1,61 @@
+"""The ``nanomm`` command: the tour of the notes, benchmarks against the reference libraries, and tools."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="nanomm: the multimodal/NLP canon from first principles, checked against the references.")
+console = Console()
+
+# name -> (module under nanomm.bench, what it measures). Each module has run(quick, out_dir) -> dict.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "attention": ("nanomm.bench.attention", "naive vs flash vs sdpa attention: time and peak memory, T = 512 … 8192"),
+}
+
+
+@app.command()
+def tour(
+    topic: Optional[List[int]] = typer.Option(None, "--topic", "-t", help="Topic id 1..19 (repeat for several); default all."),
+    quick: bool = typer.Option(False, "--quick", help="Smaller demos: the whole tour in about a minute."),
+    out: Path = typer.Option(Path("tour-report"), "--out", help="Folder for report.md, report.json and plots."),
+) -> None:
+    """Walk the 19 topics of the notes: check every figure with nanomm's code, run a live demo per topic."""
+    from nanomm.tour import run_tour
+
+    try:
+        reports = run_tour(topic, quick=quick, out=out, console=console)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--topic") from None
+    if any(r.status == "error" for r in reports):
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    name: str = typer.Argument(..., help="Which benchmark: " + ", ".join(BENCHMARKS) + "."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON (for scripts)."),
+    quick: bool = typer.Option(False, "--quick", help="Smaller sizes, for a first look."),
+    out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for plots and the JSON results."),
+) -> None:
+    """Measure nanomm against its reference in one run: ratios, not absolute claims."""
+    if name not in BENCHMARKS:
+        raise typer.BadParameter(f"expected one of {', '.join(BENCHMARKS)}, got {name!r}", param_hint="NAME")
+    module = importlib.import_module(BENCHMARKS[name][0])
+    result = module.run(quick=quick, out_dir=out, console=None if as_json else console)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
