@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 import time
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from nanomm.io import write_json, write_text
 from nanomm.tour.chapter import Chapter, TourContext
 
 # The notes' 19 topics in their order: id -> (title, chapter module under nanomm.tour.chapters).
@@ -141,15 +141,6 @@ def _markdown(reports: list[TopicReport]) -> str:
     return "\n".join(out)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def run_tour(topics: list[int] | None = None, *, quick: bool = False, out: Path | str = "tour-report",
              console: Console | None = None) -> list[TopicReport]:
     """Run the chapters ``topics`` (default: all 19, in order) and write report.md and report.json to ``out``."""
@@ -167,8 +158,8 @@ def run_tour(topics: list[int] | None = None, *, quick: bool = False, out: Path 
         print_topic(console, rep)
         reports.append(rep)
     payload = {"quick": quick, "topics": [asdict(r) for r in reports]}
-    _write_atomic(out / "report.json", json.dumps(payload, indent=2, ensure_ascii=False))
-    _write_atomic(out / "report.md", _markdown(reports))
+    write_json(out / "report.json", payload)
+    write_text(out / "report.md", _markdown(reports))
     done = sum(r.status == "ok" for r in reports)
     failed = [r.id for r in reports if r.status == "error"]
     verdicts = [c["verdict"] for r in reports for c in r.claims]
