@@ -27,7 +27,7 @@ def fake_chapters(monkeypatch):
     def good(ctx):
         path = ctx.plot_path("good")
         path.write_bytes(b"\x89PNG")
-        return Chapter(claims=[Claim("two", "2", str(1 + 1), "holds", "arithmetic")], demo={"x": 1.5},
+        return Chapter(claims=[Claim("two", "2", str(1 + 1), "holds", "arithmetic")], demo={"x": 1.5, "overflow": float("inf")},
                        lines=["prose"], plots=[path])
 
     def bad(ctx):
@@ -50,7 +50,7 @@ def test_report_files_and_statuses(fake_chapters, tmp_path):
     first = data["topics"][0]
     assert first["id"] == 1 and first["title"] == "good one"
     assert first["claims"] == [{"claim": "two", "notes": "2", "nanomm": "2", "verdict": "holds", "source": "arithmetic"}]
-    assert first["demo"] == {"x": 1.5} and first["plots"] == ["good.png"]
+    assert first["demo"] == {"x": 1.5, "overflow": "inf"} and first["plots"] == ["good.png"]
     md = (tmp_path / "report.md").read_text()
     assert "| two | 2 | 2 | holds | arithmetic |" in md and "![good](good.png)" in md
     assert f"*{NOT_IMPLEMENTED}*" in md

@@ -78,8 +78,15 @@ def run_chapter(topic: int, ctx: TourContext) -> TopicReport:
     except Exception:  # a broken chapter is reported, and the tour goes on to the next
         return TopicReport(topic, title, "error", seconds=time.perf_counter() - start, error=traceback.format_exc())
     plots = [os.path.relpath(p, ctx.out) for p in result.plots]
-    return TopicReport(topic, title, "ok", [asdict(c) for c in result.claims], dict(result.demo),
+    demo = {k: _json_number(v) for k, v in result.demo.items()}
+    return TopicReport(topic, title, "ok", [asdict(c) for c in result.claims], demo,
                        list(result.lines), plots, time.perf_counter() - start)
+
+
+def _json_number(x: float) -> float | str:
+    """Demo values go to strict JSON: inf and nan become the strings "inf", "-inf", "nan"."""
+    x = float(x)
+    return x if math.isfinite(x) else str(x)
 
 
 def _fmt(x: float) -> str:
