@@ -53,6 +53,19 @@ def bench(
         typer.echo(json.dumps(result, indent=2))
 
 
+@app.command()
+def params(
+    presets: Optional[List[str]] = typer.Argument(None, help="Preset names (default: all), e.g. bert-base gpt2 llama-7b."),
+) -> None:
+    """Parameter counts of the model presets, itemised, beside the notes' figures."""
+    from nanomm.models import print_params_table
+
+    try:
+        print_params_table(list(presets or []))
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="PRESETS") from None
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
