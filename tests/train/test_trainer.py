@@ -47,7 +47,8 @@ class Net(torch.nn.Module):
 
 def mse(model, batch):
     x, y = batch
-    loss = torch.nn.functional.mse_loss(model(x), y)
+    dtype = next(model.parameters()).dtype  # bf16/fp16 runs cast the model, the data follows
+    loss = torch.nn.functional.mse_loss(model(x.to(dtype)).float(), y)
     return loss, {"rmse": float(loss.detach().sqrt())}
 
 
@@ -87,9 +88,10 @@ def test_grad_accumulation_equals_the_big_batch(tmp_path):
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_resume_continues_exactly(tmp_path, precision):
     torch.manual_seed(1)
-    full = Trainer(Net(), mse, Regression(), _cfg(), tmp_path / "full")
+    full = Trainer(Net(), mse, Regression(), _cfg(), tmp_path / "full", precision=precision)
     full.fit()
 
     class Interrupt(Exception):
@@ -103,14 +105,17 @@ def test_resume_continues_exactly(tmp_path):
 
     torch.manual_seed(1)
     with pytest.raises(Interrupt):
-        Trainer(Net(), dies_at_step_7, Regression(), _cfg(), tmp_path / "cut").fit()
+        Trainer(Net(), dies_at_step_7, Regression(), _cfg(), tmp_path / "cut", precision=precision).fit()
     assert latest_checkpoint(tmp_path / "cut").name == "step-00000004"
 
     torch.manual_seed(123)  # a different init and RNG: everything must come from the checkpoint
-    resumed = Trainer(Net(), mse, Regression(), _cfg(), tmp_path / "cut")
+    resumed = Trainer(Net(), mse, Regression(), _cfg(), tmp_path / "cut", precision=precision)
     resumed.fit(resume=True)
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)  # bitwise: same ops, same order, same RNG on the same machine
+    for a, b in zip(full.mp.parameters(), resumed.mp.parameters()):
+        assert torch.equal(a, b)  # the fp32 masters too
+    assert full.mp.scale == resumed.mp.scale
     rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert rows == [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]

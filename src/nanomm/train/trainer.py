@@ -6,7 +6,7 @@ save and restore its position. The loop does the rest, the same way for causal L
     for step in 1..steps:
         lr ← warm-up then cosine(step)
         for each of grad_accum micro-batches:  (loss / grad_accum).backward()
-        clip ‖g‖ to grad_clip; AdamW step (skipped on fp16 overflow)
+        unscale (fp16/bf16: fp32 master weights); clip ‖g‖ to grad_clip; AdamW step, skipped on overflow
         every eval_every: validation loss; every save_every: atomic checkpoint
 
 ``resume=True`` restarts from the latest checkpoint with weights, optimizer, loss scaler, RNG states and
@@ -29,6 +29,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from nanomm.io import write_json, write_text
 from nanomm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanomm.train.precision import MixedPrecision
 
 Objective = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
 
@@ -91,11 +92,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (dim ≥ 2) only, as GPT-2/LLaMA training does."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model: has no trainable parameter (all requires_grad=False)")
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -107,21 +105,25 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, objective: Objective, train_data: BatchSource, cfg: TrainConfig,
                  out_dir: str | Path, *, val_data: Callable[[], Iterator[Any]] | None = None,
-                 tokens_per_batch: Callable[[Any], int] | None = None, console: Console | None = None) -> None:
+                 tokens_per_batch: Callable[[Any], int] | None = None, precision: str = "fp32",
+                 loss_scale: Any = None, console: Console | None = None) -> None:
         self.model, self.objective, self.train_data, self.cfg = model, objective, train_data, cfg
+        # fp16/bf16: the model is cast in place and the optimizer updates fp32 master copies
+        self.mp = MixedPrecision(model, precision, loss_scale=loss_scale)
         self.out = Path(out_dir)
         self.val_data = val_data  # a fresh iterator over the validation batches on each call
         self.tokens_per_batch = tokens_per_batch
         self.console = console
-        self.optimizer = make_optimizer(model, cfg)
+        self.optimizer = make_optimizer(self.mp.parameters(), cfg)
         self.step = 0
         self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ pieces
     def _micro_step(self) -> tuple[float, dict[str, float], int]:
         batch = next(self.train_data)
-        loss, metrics = self.objective(self.model, batch)
-        (loss / self.cfg.grad_accum).backward()
+        with self.mp.autocast():
+            loss, metrics = self.objective(self.model, batch)
+        self.mp.backward(loss / self.cfg.grad_accum)
         tokens = self.tokens_per_batch(batch) if self.tokens_per_batch else 0
         return float(loss.detach()), metrics, tokens
 
@@ -131,7 +133,7 @@ class Trainer:
         lr = lr_at(self.step + 1, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+        self.mp.zero_grad()
         losses, tokens, sums = [], 0, {}
         for _ in range(self.cfg.grad_accum):
             loss, metrics, n = self._micro_step()
@@ -139,12 +141,17 @@ class Trainer:
             tokens += n
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.step += 1
+        scale = self.mp.scale
+        overflow = self.mp.unscale_()  # true fp32 gradients from here on
         out = {k: v / self.cfg.grad_accum for k, v in sums.items()}
-        out.update(loss=sum(losses) / len(losses), lr=lr, grad_norm=float(norm), tokens=tokens)
+        out.update(loss=sum(losses) / len(losses), lr=lr, tokens=tokens)
+        if not overflow:
+            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                self.mp.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")))
+        self.mp.step(self.optimizer)  # skipped (weights and Adam state untouched) on overflow
+        self.step += 1
+        if self.mp.dtype != torch.float32:
+            out.update(loss_scale=scale, skipped=float(overflow))
         return out
 
     @torch.no_grad()
@@ -158,22 +165,28 @@ class Trainer:
         for batch in self.val_data():
             if n == self.cfg.eval_batches:
                 break
-            loss, metrics = self.objective(self.model, batch)
+            with self.mp.autocast():
+                loss, metrics = self.objective(self.model, batch)
             for k, v in {"loss": float(loss), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
         return {f"val_{k}": v / max(1, n) for k, v in sums.items()}
 
     def save(self) -> Path:
-        state = {"data": self.train_data.state_dict(), "history": self.history, "config": dataclasses.asdict(self.cfg)}
-        return save_checkpoint(self.out, self.step, self.model, self.optimizer, state)
+        mp = self.mp.state_dict()
+        masters = {f"master.{k}": v for k, v in mp.pop("masters").items()}
+        state = {"data": self.train_data.state_dict(), "history": self.history, "precision": mp,
+                 "config": dataclasses.asdict(self.cfg)}
+        return save_checkpoint(self.out, self.step, self.model, self.optimizer, state, masters)
 
     def resume(self) -> bool:
         """Restore the latest checkpoint of out_dir; False when there is none."""
         path = latest_checkpoint(self.out)
         if path is None:
             return False
-        self.step, state, _ = load_checkpoint(path, self.model, self.optimizer)
+        self.step, state, tensors = load_checkpoint(path, self.model, self.optimizer)
+        masters = {k.removeprefix("master."): v for k, v in tensors.items() if k.startswith("master.")}
+        self.mp.load_state_dict({**state["precision"], "masters": masters})
         self.train_data.load_state_dict(state["data"])
         self.history = state["history"]
         self._write_metrics()
