@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 import typer
 from rich.console import Console
 
@@ -43,12 +44,19 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON (for scripts)."),
     quick: bool = typer.Option(False, "--quick", help="Smaller sizes, for a first look."),
     out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for plots and the JSON results."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                          help="torch threads during the run (1 is steadier on a busy machine)."),
 ) -> None:
     """Measure nanomm against its reference in one run: ratios, not absolute claims."""
     if name not in BENCHMARKS:
         raise typer.BadParameter(f"expected one of {', '.join(BENCHMARKS)}, got {name!r}", param_hint="NAME")
     module = importlib.import_module(BENCHMARKS[name][0])
-    result = module.run(quick=quick, out_dir=out, console=None if as_json else console)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        result = module.run(quick=quick, out_dir=out, console=None if as_json else console)
+    finally:
+        torch.set_num_threads(before)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
 
