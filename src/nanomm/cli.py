@@ -61,6 +61,62 @@ def bench(
         typer.echo(json.dumps(result, indent=2))
 
 
+train_app = typer.Typer(no_args_is_help=True, help="Train a model end to end; the output folder loads with from_hf.")
+app.add_typer(train_app, name="train")
+
+PRECISION_HELP = "fp32 | bf16 | fp16 (fp32 master weights; fp16 adds dynamic loss scaling)"
+
+
+def _run_recipe(fn, out: Path, **kwargs) -> None:
+    try:
+        result = fn(out, console=console, **kwargs)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print_json(data=result.metrics)
+    console.print(f"model, tokenizer, metrics.jsonl and loss.png in {result.out_dir}")
+
+
+@train_app.command("lm")
+def train_lm_cmd(
+    out: Path = typer.Option(..., "--out", help="Output folder (a Hugging Face model directory when done)."),
+    preset_name: str = typer.Option("llama-tiny", "--preset", help="A decoder preset: llama-tiny, gpt-tiny, gpt2, ..."),
+    data: str = typer.Option("pydoc", "--data", help="Corpus: pydoc | docs | shakespeare | a file or folder of text."),
+    steps: int = typer.Option(600, "--steps", min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    block_size: int = typer.Option(128, "--block-size", min=2, help="Tokens per training sequence."),
+    lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate (warm-up then cosine)."),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the latest checkpoint in --out."),
+) -> None:
+    """Pretrain a GPT or LLaMA on next-token prediction."""
+    from nanomm.train.recipes import train_lm
+
+    _run_recipe(train_lm, out, preset_name=preset_name, data=data, steps=steps, batch_size=batch_size,
+                block_size=block_size, lr=lr, precision=precision, seed=seed, resume=resume)
+
+
+@train_app.command("mlm")
+def train_mlm_cmd(
+    out: Path = typer.Option(..., "--out", help="Output folder (a Hugging Face model directory when done)."),
+    preset_name: str = typer.Option("bert-tiny", "--preset", help="A BERT preset: bert-tiny, bert-base, ..."),
+    data: str = typer.Option("pydoc", "--data", help="Corpus: pydoc | docs | shakespeare | a file or folder of text."),
+    steps: int = typer.Option(600, "--steps", min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    max_seq_length: int = typer.Option(128, "--max-seq-length", min=5, help="[CLS] A [SEP] B [SEP] length."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (warm-up then cosine)."),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the latest checkpoint in --out."),
+) -> None:
+    """Pretrain BERT on masked-LM + next-sentence prediction."""
+    from nanomm.train.recipes import train_mlm
+
+    _run_recipe(train_mlm, out, preset_name=preset_name, data=data, steps=steps, batch_size=batch_size,
+                max_seq_length=max_seq_length, lr=lr, precision=precision, seed=seed, resume=resume)
+
+
 @app.command()
 def params(
     presets: Optional[List[str]] = typer.Argument(None, help="Preset names (default: all), e.g. bert-base gpt2 llama-7b."),
