@@ -18,6 +18,8 @@ console = Console()
 # name -> (module under nanomm.bench, what it measures). Each module has run(quick, out_dir) -> dict.
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "attention": ("nanomm.bench.attention", "naive vs flash vs sdpa attention: time and peak memory, T = 512 … 8192"),
+    "train": ("nanomm.bench.train", "training tokens/s of nanomm's LLaMA vs transformers'; peak memory fp32 vs bf16"),
+    "bm25": ("nanomm.bench.bm25", "index time and queries/s of nanomm's BM25 vs bm25s and rank_bm25"),
 }
 
 

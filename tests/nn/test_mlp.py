@@ -30,6 +30,15 @@ def test_activation_matches_torch(name, dtype):
     torch.testing.assert_close(ACTIVATIONS[name](x), REFERENCES[name](x), **TOL[dtype])
 
 
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_fused_kernels_compute_the_written_formula(name):
+    from nanomm.nn.mlp import FORMULAS
+
+    x = torch.linspace(-12, 12, 2001, dtype=torch.float64)
+    torch.testing.assert_close(ACTIVATIONS[name](x), FORMULAS[name](x), **TOL[torch.float64])
+    torch.testing.assert_close(FORMULAS[name](x), REFERENCES[name](x), **TOL[torch.float64])
+
+
 def test_gelu_variants_differ_by_the_tanh_approximation():
     x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
     gap = (ACTIVATIONS["gelu"](x) - ACTIVATIONS["gelu_tanh"](x)).abs().max()

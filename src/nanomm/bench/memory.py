@@ -13,7 +13,10 @@ process RSS only ever grows. Two observers that see every allocation instead:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -21,12 +24,33 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the process's file descriptor 2 (C++ logging bypasses sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak of CPU bytes allocated by ``fn()`` and alive at the same time (0 if it frees more than it takes)."""
     if not callable(fn):
         raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # kineto writes "profiler_start/stop" lines to fd 2 on entry and exit
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
     # "[memory]" events are the allocator's reports: +bytes on allocation, -bytes on free
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0

@@ -15,12 +15,14 @@ parameter count stays that of a 4d MLP (11008 for d = 4096).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "MLP", "SwiGLU"]
+__all__ = ["gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "FORMULAS", "MLP", "SwiGLU"]
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -39,12 +41,15 @@ def silu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
 
+# The formulas above define the functions (and the tests check against them); the layers run torch's
+# fused kernels for the same functions: one pass over memory instead of five, and no saved intermediates.
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": gelu,
-    "gelu_tanh": gelu_tanh,
-    "relu": relu,
-    "silu": silu,
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
 }
+FORMULAS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": gelu, "gelu_tanh": gelu_tanh, "relu": relu, "silu": silu}
 
 
 def _check_widths(dim: int, hidden: int) -> None:
@@ -94,4 +99,4 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x, self.dim)
-        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
