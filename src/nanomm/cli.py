@@ -19,6 +19,7 @@ console = Console()
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "attention": ("nanomm.bench.attention", "naive vs flash vs sdpa attention: time and peak memory, T = 512 … 8192"),
     "train": ("nanomm.bench.train", "training tokens/s of nanomm's LLaMA vs transformers'; peak memory fp32 vs bf16"),
+    "generate": ("nanomm.bench.generate", "decoding with and without KV cache; nanomm vs transformers generate"),
     "bm25": ("nanomm.bench.bm25", "index time and queries/s of nanomm's BM25 vs bm25s and rank_bm25"),
 }
 
@@ -117,6 +118,27 @@ def train_mlm_cmd(
 
     _run_recipe(train_mlm, out, preset_name=preset_name, data=data, steps=steps, batch_size=batch_size,
                 max_seq_length=max_seq_length, lr=lr, precision=precision, seed=seed, resume=resume)
+
+
+@app.command()
+def generate(
+    model: Path = typer.Option(..., "--model", help="A nanomm or Hugging Face folder: config.json, weights, tokenizer.json."),
+    prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
+    max_new_tokens: int = typer.Option(50, "--max-new-tokens", min=1),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sample at this temperature (0 = greedy)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample within the smallest set of mass p."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the sampler, for a repeatable sample."),
+) -> None:
+    """Continue a prompt with a decoder (GPT-1/2, LLaMA), streaming tokens; greedy unless sampling is asked."""
+    from nanomm.models.cli_generate import generate_cli
+
+    try:
+        generate_cli(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p, seed=seed, stream=lambda s: typer.echo(s, nl=False))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo()
 
 
 @app.command()

@@ -115,3 +115,24 @@ def test_gpt_rejects_a_foreign_config():
 
     with pytest.raises(TypeError, match="GPTConfig"):
         GPT(LlamaConfig(n_layer=1, dim=16, n_head=2, n_kv_head=2, ff_dim=8, vocab_size=10))
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_inputs_embeds_equal_token_ids(name):
+    """BLIP-2 and LLaVA feed embeddings: the token embedding looked up outside must give the same logits."""
+    from nanomm.models import build, preset
+    from nanomm.models.generation import generate
+
+    torch.manual_seed(0)
+    model = build(preset(name, vocab_size=97)).eval()
+    ids = torch.randint(0, 97, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    want = model(ids, attention_mask=mask).logits
+    got = model(inputs_embeds=model.embed_tokens(ids), attention_mask=mask).logits
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    a = generate(model, ids, mask, max_new_tokens=4).new_tokens
+    b = generate(model, inputs_embeds=model.embed_tokens(ids), attention_mask=mask, max_new_tokens=4).new_tokens
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="expected exactly one of them, got both"):
+        model(ids, inputs_embeds=model.embed_tokens(ids))

@@ -183,15 +183,19 @@ def _position_limit(model: nn.Module) -> int | None:
 
 # ----------------------------------------------------------------------------- the two ways to step
 
+def _length(inputs: dict[str, Tensor]) -> int:
+    return next(iter(inputs.values())).shape[1]  # input_ids (B, T) or inputs_embeds (B, T, d)
+
+
 class _Cached:
     """Prefill the prompt once, then feed one token per step against the KV cache."""
 
     def __init__(self, model: nn.Module, prompt: dict[str, Tensor], mask: Tensor | None, pos: Tensor | None):
         self.model, self.mask, self.pos, self.cache = model, mask, pos, None
-        self.prompt, self.t = prompt, prompt_len(prompt)
+        self.prompt, self.t = prompt, _length(prompt)
 
     def _call(self, inputs: dict[str, Tensor], end: int) -> Tensor:
-        start = end - next(iter(inputs.values())).shape[1]
+        start = end - _length(inputs)
         out = self.model(**inputs, attention_mask=None if self.mask is None else self.mask[:, :end],
                          position_ids=None if self.pos is None else self.pos[:, start:end],
                          past_key_values=self.cache, use_cache=True)
@@ -225,7 +229,7 @@ class _Uncached:
 
     def first(self) -> Tensor:
         inputs = self._inputs()
-        end = next(iter(inputs.values())).shape[1]
+        end = _length(inputs)
         out = self.model(**inputs, attention_mask=None if self.mask is None else self.mask[:, :end],
                          position_ids=None if self.pos is None else self.pos[:, :end], use_cache=False)
         return out.logits[:, -1]  # (B, V)
@@ -233,10 +237,6 @@ class _Uncached:
     def next(self, token: Tensor) -> Tensor:
         self.new.append(token)
         return self.first()
-
-
-def prompt_len(prompt: dict[str, Tensor]) -> int:
-    return next(iter(prompt.values())).shape[1]
 
 
 STEPPERS: dict[bool, type] = {True: _Cached, False: _Uncached}  # keyed by use_cache
@@ -266,14 +266,18 @@ def generate(model: nn.Module, input_ids: Tensor | None = None, attention_mask: 
              temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              use_cache: bool = True, seed: int | None = None, generator: torch.Generator | None = None,
-             output_scores: bool = False, output_logits: bool = False) -> GenerationOutput:
+             output_scores: bool = False, output_logits: bool = False,
+             on_token: Callable[[int, Tensor], None] | None = None) -> GenerationOutput:
     """Continue left-padded prompts ``input_ids`` (B, T) by up to ``max_new_tokens`` tokens.
 
     do_sample=False is greedy (temperature, top_k, top_p must stay off); True samples from the tempered,
     filtered distribution with ``generator`` (or a new one seeded with ``seed``). ``eos_token_id`` (one id
     or several) ends a row, which is padded with ``pad_token_id`` (default: the first eos id) afterwards.
     ``inputs_embeds`` (B, T, d) replaces input_ids for models whose forward accepts it (a multimodal
-    prefix); the output then holds the new tokens only. The model runs in eval mode (its mode is restored).
+    prefix); the output then holds the new tokens only. ``on_token(n, tokens (B,))`` is called as the n-th
+    new tokens are chosen (streaming, timing). The model runs in eval mode (its mode is restored after)
+    under ``torch.inference_mode``, so the returned scores/logits are inference tensors (clone them to
+    modify them in place).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module decoder, got {type(model).__name__}")
@@ -294,6 +298,10 @@ def generate(model: nn.Module, input_ids: Tensor | None = None, attention_mask: 
             raise ValueError(f"do_sample: greedy decoding ignores {on}; pass do_sample=True to sample with them")
     if seed is not None and generator is not None:
         raise ValueError("seed, generator: expected at most one of them, got both")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    if on_token is not None and not callable(on_token):
+        raise TypeError(f"on_token: expected a callable (n, tokens), got {type(on_token).__name__}")
     if seed is not None:
         _positive_int("seed", seed, minimum=0)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -335,7 +343,8 @@ def generate(model: nn.Module, input_ids: Tensor | None = None, attention_mask: 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # inference_mode, not no_grad: no autograd bookkeeping at all (version counters), a few % per step
+        with torch.inference_mode():
             stepper = STEPPERS[use_cache](model, prompt, mask, pos)
             logits = stepper.first()
             n = 0
@@ -353,6 +362,8 @@ def generate(model: nn.Module, input_ids: Tensor | None = None, attention_mask: 
                     token = token.masked_fill(finished, pad)
                     finished |= torch.isin(token, eos_t)
                 out[:, start + n - 1] = token
+                if on_token is not None:
+                    on_token(n, token)
                 if n == max_new_tokens or (eos and bool(finished.all())):
                     break
                 logits = stepper.next(token)

@@ -122,16 +122,27 @@ class DecoderLM(nn.Module):
     norm: nn.Module
     lm_head: nn.Linear
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                past_key_values: KVCache | None = None, use_cache: bool = False,
-                output_hidden_states: bool = False) -> CausalLMOutput:
-        B, T = check_input_ids(input_ids)
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
+                output_hidden_states: bool = False, inputs_embeds: Tensor | None = None) -> CausalLMOutput:
+        """``inputs_embeds`` (B, T, d) replaces the token embedding: how BLIP-2 and LLaVA feed image tokens."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids, inputs_embeds: expected exactly one of them, got "
+                             + ("both" if input_ids is not None else "neither"))
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.embed_tokens.embedding_dim:
+                raise ValueError(f"inputs_embeds: expected (B, T, {self.embed_tokens.embedding_dim}), "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            (B, T), device, tokens = inputs_embeds.shape[:2], inputs_embeds.device, inputs_embeds
+        else:
+            (B, T), device = check_input_ids(input_ids), input_ids.device
+            tokens = self.embed_tokens(input_ids)
         if past_key_values is not None and not isinstance(past_key_values, KVCache):
             raise TypeError(f"past_key_values: expected a nanomm KVCache, got {type(past_key_values).__name__}")
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         past = cache.length if cache is not None else 0
-        attn_mask, position_ids = _mask_and_positions(attention_mask, position_ids, B, T, past, input_ids.device)
-        x = self.drop(self.embed_tokens(input_ids) + self.positions.embed(position_ids))  # (B, T, d)
+        attn_mask, position_ids = _mask_and_positions(attention_mask, position_ids, B, T, past, device)
+        x = self.drop(tokens + self.positions.embed(position_ids))  # (B, T, d)
         extra = self.positions.attention_kwargs(position_ids)
         # one new token sees every cached key anyway: skipping the causal mask lets sdpa take its fast path
         causal = T > 1

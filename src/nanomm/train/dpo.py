@@ -15,8 +15,8 @@ Variants, picked by name from ``LOSSES`` (Δ = chosen log-ratio − rejected log
   sigmoid  −log σ(βΔ)                                   DPO, the notes' formula
   hinge    max(0, 1 − βΔ)                               SLiC (Zhao et al., 2023)
   ipo      (Δ̄ − 1/(2β))², Δ̄ with per-token averages     IPO (Azar et al., 2023, Eq. 17), as trl normalises it
-  robust   (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1−2ε)   rDPO (Chowdhury et al., 2024): unbiased under label noise ε
-  cdpo     −(1−ε) log σ(βΔ) − ε log σ(−βΔ)              conservative DPO: label smoothing ε (Mitchell, 2023)
+  robust   (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1−2ε)   rDPO (Chowdhury et al., 2024), unbiased under label noise ε
+  cdpo     −(1−ε) log σ(βΔ) − ε log σ(−βΔ)              conservative DPO, label smoothing ε (Mitchell, 2023)
 
 Batches hold each pair as two rows of one padded batch, chosen rows first (trl's concatenated forward):
     input_ids, attention_mask, labels (2B, T); labels = input_ids with −100 on prompt and padding
@@ -30,7 +30,6 @@ import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -65,7 +64,8 @@ def sequence_logps(logits: Tensor, labels: Tensor, *, reduction: str = "sum") ->
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {list(REDUCTIONS)}, got {reduction!r}")
     if not isinstance(logits, Tensor) or logits.dim() != 3:
-        raise ValueError(f"logits: expected (B, T, V), got {tuple(logits.shape) if isinstance(logits, Tensor) else logits!r}")
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits: expected (B, T, V), got {got}")
     if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(logits.shape[:2]):
         got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"labels: expected (B, T) = {tuple(logits.shape[:2])} like the logits, got {got}")
@@ -122,7 +122,8 @@ def _check_scalars(beta: float, loss: str, label_smoothing: float) -> None:
             or not 0 <= label_smoothing < top:
         raise ValueError(f"label_smoothing: expected a number in [0, {top}) for loss={loss!r}, got {label_smoothing!r}")
     if label_smoothing and loss not in _SMOOTHING_RANGE:
-        raise ValueError(f"label_smoothing: only {list(_SMOOTHING_RANGE)} use it; got {label_smoothing} with loss={loss!r}")
+        raise ValueError(f"label_smoothing: only {list(_SMOOTHING_RANGE)} use it; got {label_smoothing} "
+                         f"with loss={loss!r}")
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *,
@@ -140,7 +141,8 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     for name, t in args.items():
         if not isinstance(t, Tensor) or t.dim() != 1 or t.shape != policy_chosen.shape:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name}: expected a (B,) tensor like policy_chosen {tuple(policy_chosen.shape)}, got {got}")
+            raise ValueError(f"{name}: expected a (B,) tensor like policy_chosen {tuple(policy_chosen.shape)}, "
+                             f"got {got}")
     ones = torch.ones_like(policy_chosen)
     lc = ones if chosen_lengths is None else chosen_lengths.to(ones).clamp(min=1)
     lr = ones if rejected_lengths is None else rejected_lengths.to(ones).clamp(min=1)
