@@ -38,7 +38,8 @@ def _batches(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _hf_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The same loss code for both models, so that only the models differ."""
     logits = model(input_ids=batch["input_ids"]).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten())
 
@@ -84,8 +85,8 @@ def run(quick: bool = False, out_dir: str | Path | None = None, console: Console
         theirs = LlamaForCausalLM.from_pretrained(tmp, attn_implementation="sdpa")
     ours.train(), theirs.train()
     batches = _batches(steps + warmup)
-    step_ours = _stepper(ours, lambda m, b: causal_lm(m, b)[0])
-    step_theirs = _stepper(theirs, _hf_loss)
+    step_ours = _stepper(ours, _lm_loss)
+    step_theirs = _stepper(theirs, _lm_loss)
     times = {"nanomm": [], "transformers": []}
     first = {}
     for i, batch in enumerate(batches):
