@@ -13,36 +13,29 @@ keys and names the valid ones. A preset is a family plus the fields that differ 
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from nanomm.config import Config, describe, option
 
 __all__ = ["BertConfig", "GPTConfig", "LlamaConfig", "ModelConfig", "PRESETS", "preset", "preset_names", "describe"]
-
-C = TypeVar("C", bound="ModelConfig")
 
 POSITIONS = ("learned", "sinusoidal", "alibi", "rope")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 BACKENDS = ("auto", "sdpa", "naive", "flash")
 
 
-def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
-    meta = {"help": help} if choices is None else {"help": help, "choices": choices}
-    return field(default=default, metadata=meta)
+_f = option  # the old name, still used by vision_config and multimodal_config
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     """Shared behaviour: validation, dict round trip, help text."""
 
     family: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices is not None and value not in choices:
-                raise ValueError(f"{f.name}: expected one of {list(choices)}, got {value!r}")
+        super().__post_init__()
         for name in ("vocab_size", "max_positions", "n_layer", "n_head", "dim", "ff_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -56,46 +49,28 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_head
 
-    @classmethod
-    def from_dict(cls: type[C], d: dict[str, Any]) -> C:
-        """Build from a dict; unknown keys are an error that lists the valid ones."""
-        if not isinstance(d, dict):
-            raise TypeError(f"d: expected a dict, got {type(d).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown keys {unknown}; valid keys are {valid}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self: C, **changes: Any) -> C:
-        """A copy with some fields changed (validated like from_dict)."""
-        return type(self).from_dict({**self.to_dict(), **changes})
-
 
 @dataclass
 class BertConfig(ModelConfig):
     """BERT: token + segment + position embeddings, LayerNorm; post-LN encoder; pooler; MLM/NSP heads."""
 
     family: ClassVar[str] = "bert"
-    vocab_size: int = _f(30522, "WordPiece vocabulary size")
-    max_positions: int = _f(512, "rows of the learned position table (longest input)")
-    type_vocab_size: int = _f(2, "segment (token type) ids: sentence A and B")
-    n_layer: int = _f(12, "encoder layers")
-    n_head: int = _f(12, "attention heads")
-    dim: int = _f(768, "hidden width d")
-    ff_dim: int = _f(3072, "feed-forward inner width (4d)")
-    activation: str = _f("gelu", "feed-forward activation (BERT: exact erf GELU)", ACTIVATIONS)
-    layer_norm_eps: float = _f(1e-12, "LayerNorm epsilon (BERT's TF code: 1e-12)")
-    dropout: float = _f(0.1, "dropout on embeddings and residual branches")
-    init_std: float = _f(0.02, "std of the truncated-normal weight init")
-    pad_token_id: int = _f(0, "id of [PAD]")
-    task: str = _f("pretraining", "'base': encoder + pooler (BertModel); 'pretraining': + MLM and NSP heads",
+    vocab_size: int = option(30522, "WordPiece vocabulary size")
+    max_positions: int = option(512, "rows of the learned position table (longest input)")
+    type_vocab_size: int = option(2, "segment (token type) ids: sentence A and B")
+    n_layer: int = option(12, "encoder layers")
+    n_head: int = option(12, "attention heads")
+    dim: int = option(768, "hidden width d")
+    ff_dim: int = option(3072, "feed-forward inner width (4d)")
+    activation: str = option("gelu", "feed-forward activation (BERT: exact erf GELU)", ACTIVATIONS)
+    layer_norm_eps: float = option(1e-12, "LayerNorm epsilon (BERT's TF code: 1e-12)")
+    dropout: float = option(0.1, "dropout on embeddings and residual branches")
+    init_std: float = option(0.02, "std of the truncated-normal weight init")
+    pad_token_id: int = option(0, "id of [PAD]")
+    task: str = option("pretraining", "'base': encoder + pooler (BertModel); 'pretraining': + MLM and NSP heads",
                    ("base", "pretraining"))
-    pooler: bool = _f(True, "tanh(W h[CLS] + b) on top (NSP needs it; some checkpoints drop it)")
-    backend: str = _f("auto", "attention backend", BACKENDS)
+    pooler: bool = option(True, "tanh(W h[CLS] + b) on top (NSP needs it; some checkpoints drop it)")
+    backend: str = option("auto", "attention backend", BACKENDS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,24 +84,24 @@ class GPTConfig(ModelConfig):
     """GPT: learned (or chosen) positions, a stack of blocks, a head tied to the token embedding."""
 
     family: ClassVar[str] = "gpt"
-    vocab_size: int = _f(50257, "BPE vocabulary size")
-    max_positions: int = _f(1024, "context length (rows of the position table)")
-    n_layer: int = _f(12, "decoder blocks")
-    n_head: int = _f(12, "attention heads")
-    dim: int = _f(768, "hidden width d")
-    ff_dim: int = _f(3072, "feed-forward inner width (4d)")
-    norm_placement: str = _f("pre", "'post': GPT-1 (x = LN(x + f(x))); 'pre': GPT-2/3 (x = x + f(LN(x)))",
+    vocab_size: int = option(50257, "BPE vocabulary size")
+    max_positions: int = option(1024, "context length (rows of the position table)")
+    n_layer: int = option(12, "decoder blocks")
+    n_head: int = option(12, "attention heads")
+    dim: int = option(768, "hidden width d")
+    ff_dim: int = option(3072, "feed-forward inner width (4d)")
+    norm_placement: str = option("pre", "'post': GPT-1 (x = LN(x + f(x))); 'pre': GPT-2/3 (x = x + f(LN(x)))",
                              ("pre", "post"))
-    final_norm: bool = _f(True, "LayerNorm after the last block (GPT-2/3: yes, GPT-1: no)")
-    position: str = _f("learned", "position encoding", POSITIONS)
-    activation: str = _f("gelu_tanh", "feed-forward activation (GPT: tanh-approximated GELU)", ACTIVATIONS)
-    bias: bool = _f(True, "biases in linear layers and LayerNorms")
-    layer_norm_eps: float = _f(1e-5, "LayerNorm epsilon")
-    dropout: float = _f(0.1, "dropout on embeddings and residual branches")
-    init_std: float = _f(0.02, "std of the normal weight init (residual projections scaled by 1/sqrt(2L))")
-    tie_embeddings: bool = _f(True, "the output head shares the token embedding matrix")
-    rope_base: float = _f(10000.0, "RoPE base θ (used when position='rope')")
-    backend: str = _f("auto", "attention backend", BACKENDS)
+    final_norm: bool = option(True, "LayerNorm after the last block (GPT-2/3: yes, GPT-1: no)")
+    position: str = option("learned", "position encoding", POSITIONS)
+    activation: str = option("gelu_tanh", "feed-forward activation (GPT: tanh-approximated GELU)", ACTIVATIONS)
+    bias: bool = option(True, "biases in linear layers and LayerNorms")
+    layer_norm_eps: float = option(1e-5, "LayerNorm epsilon")
+    dropout: float = option(0.1, "dropout on embeddings and residual branches")
+    init_std: float = option(0.02, "std of the normal weight init (residual projections scaled by 1/sqrt(2L))")
+    tie_embeddings: bool = option(True, "the output head shares the token embedding matrix")
+    rope_base: float = option(10000.0, "RoPE base θ (used when position='rope')")
+    backend: str = option("auto", "attention backend", BACKENDS)
 
 
 @dataclass
@@ -134,20 +109,20 @@ class LlamaConfig(ModelConfig):
     """LLaMA: pre-norm RMSNorm blocks, SwiGLU, rotary positions, grouped-query attention, no biases."""
 
     family: ClassVar[str] = "llama"
-    vocab_size: int = _f(32000, "SentencePiece vocabulary size")
-    max_positions: int = _f(2048, "context length (RoPE has no table; this sizes its cos/sin cache)")
-    n_layer: int = _f(32, "decoder blocks")
-    n_head: int = _f(32, "query heads")
-    n_kv_head: int = _f(32, "key/value heads; < n_head is grouped-query attention, 1 is multi-query")
-    dim: int = _f(4096, "hidden width d")
-    ff_dim: int = _f(11008, "SwiGLU inner width (about 8d/3, rounded)")
-    position: str = _f("rope", "position encoding (LLaMA: rope)", POSITIONS)
-    rms_norm_eps: float = _f(1e-6, "RMSNorm epsilon, inside the square root")
-    rope_base: float = _f(10000.0, "RoPE base θ")
-    tie_embeddings: bool = _f(False, "share the output head with the token embedding (LLaMA: no)")
-    dropout: float = _f(0.0, "dropout on residual branches (LLaMA trains without)")
-    init_std: float = _f(0.02, "std of the normal weight init")
-    backend: str = _f("auto", "attention backend", BACKENDS)
+    vocab_size: int = option(32000, "SentencePiece vocabulary size")
+    max_positions: int = option(2048, "context length (RoPE has no table; this sizes its cos/sin cache)")
+    n_layer: int = option(32, "decoder blocks")
+    n_head: int = option(32, "query heads")
+    n_kv_head: int = option(32, "key/value heads; < n_head is grouped-query attention, 1 is multi-query")
+    dim: int = option(4096, "hidden width d")
+    ff_dim: int = option(11008, "SwiGLU inner width (about 8d/3, rounded)")
+    position: str = option("rope", "position encoding (LLaMA: rope)", POSITIONS)
+    rms_norm_eps: float = option(1e-6, "RMSNorm epsilon, inside the square root")
+    rope_base: float = option(10000.0, "RoPE base θ")
+    tie_embeddings: bool = option(False, "share the output head with the token embedding (LLaMA: no)")
+    dropout: float = option(0.0, "dropout on residual branches (LLaMA trains without)")
+    init_std: float = option(0.02, "std of the normal weight init")
+    backend: str = option("auto", "attention backend", BACKENDS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -194,12 +169,3 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return FAMILIES[family].from_dict({**fields, **overrides})
 
 
-def describe(config: ModelConfig | type[ModelConfig]) -> dict[str, str]:
-    """field name -> its one-line help (with the allowed values where there is a closed set)."""
-    out = {}
-    for f in dataclasses.fields(config):
-        text = f.metadata["help"]
-        if "choices" in f.metadata:
-            text += f" (one of {', '.join(map(str, f.metadata['choices']))})"
-        out[f.name] = text
-    return out

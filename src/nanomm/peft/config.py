@@ -17,22 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from nanomm.config import Config, describe, option
 
 __all__ = ["PeftConfig", "LoraConfig", "PrefixConfig", "AdapterConfig", "IA3Config", "CONFIGS", "describe",
            "config_from_dict"]
 
-C = TypeVar("C", bound="PeftConfig")
-
 ADAPTER_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-
-
-def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
-    meta = {"help": help} if choices is None else {"help": help, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 def _check_names(name: str, value: Any, *, allow_none: bool) -> None:
@@ -53,33 +46,19 @@ def _positive_int(name: str, value: Any) -> None:
 
 
 @dataclass
-class PeftConfig:
-    """Shared behaviour: validation of choices, dict round trip, help text."""
+class PeftConfig(Config):
+    """Shared behaviour: target-module specs checked, the method's name in the dict form."""
 
     method: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices is not None and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name}: expected one of {list(choices)}, got {getattr(self, f.name)!r}")
+        super().__post_init__()
         for f in dataclasses.fields(self):
             if f.name in ("target_modules", "exclude_modules", "feedforward_modules"):
                 value = getattr(self, f.name)
                 _check_names(f.name, value, allow_none=f.name in ("exclude_modules", "feedforward_modules"))
                 if isinstance(value, tuple):
                     setattr(self, f.name, list(value))
-
-    @classmethod
-    def from_dict(cls: type[C], d: dict[str, Any]) -> C:
-        """Build from a dict; unknown keys are an error that lists the valid ones."""
-        if not isinstance(d, dict):
-            raise TypeError(f"d: expected a dict, got {type(d).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown keys {unknown}; valid keys are {valid}")
-        return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -90,13 +69,13 @@ class LoraConfig(PeftConfig):
     """Low-rank adaptation: y = W x + (α/r)·B·A·dropout(x), A (r, in) Kaiming-uniform, B (out, r) zeros."""
 
     method: ClassVar[str] = "lora"
-    r: int = _f(8, "rank of the update B·A")
-    alpha: float = _f(8.0, "α of the scale α/r (or α/√r with use_rslora); peft's lora_alpha")
-    dropout: float = _f(0.0, "dropout on the input of the low-rank path only (the frozen path sees x unchanged)")
-    target_modules: Any = _f(["q_proj", "v_proj"],
+    r: int = option(8, "rank of the update B·A")
+    alpha: float = option(8.0, "α of the scale α/r (or α/√r with use_rslora); peft's lora_alpha")
+    dropout: float = option(0.0, "dropout on the input of the low-rank path only (the frozen path sees x unchanged)")
+    target_modules: Any = option(["q_proj", "v_proj"],
                              "modules to adapt: names (match the end of a module name), a regex, or 'all-linear'")
-    exclude_modules: Any = _f(None, "modules removed from the targets: names or a regex")
-    use_rslora: bool = _f(False, "scale by α/√r instead of α/r (rank-stabilised LoRA, Kalajdzievic 2023)")
+    exclude_modules: Any = option(None, "modules removed from the targets: names or a regex")
+    use_rslora: bool = option(False, "scale by α/√r instead of α/r (rank-stabilised LoRA, Kalajdzievic 2023)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -116,10 +95,10 @@ class PrefixConfig(PeftConfig):
     """Prefix tuning: P learned key/value vectors per layer and head, seen by every query."""
 
     method: ClassVar[str] = "prefix"
-    num_virtual_tokens: int = _f(10, "P, the number of prefix positions in front of every layer's keys/values")
-    projection: bool = _f(False, "reparameterise the prefix by an MLP (embedding → Linear → tanh → Linear), "
+    num_virtual_tokens: int = option(10, "P, the number of prefix positions in front of every layer's keys/values")
+    projection: bool = option(False, "reparameterise the prefix by an MLP (embedding → Linear → tanh → Linear), "
                                  "Li & Liang §4.3; peft's prefix_projection")
-    projection_hidden: Any = _f(None, "hidden width of that MLP (None: the key/value width, as peft)")
+    projection_hidden: Any = option(None, "hidden width of that MLP (None: the key/value width, as peft)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,12 +112,12 @@ class AdapterConfig(PeftConfig):
     """Houlsby adapters: h + up(act(down(h))) on a sublayer's output h, up zero-initialised."""
 
     method: ClassVar[str] = "adapter"
-    bottleneck: int = _f(16, "width m of the bottleneck (Houlsby: m ≪ d)")
-    activation: str = _f("gelu", "nonlinearity between down- and up-projection", ADAPTER_ACTIVATIONS)
-    target_modules: Any = _f(["attn.o_proj", "mlp"],
+    bottleneck: int = option(16, "width m of the bottleneck (Houlsby: m ≪ d)")
+    activation: str = option("gelu", "nonlinearity between down- and up-projection", ADAPTER_ACTIVATIONS)
+    target_modules: Any = option(["attn.o_proj", "mlp"],
                              "modules whose output gets an adapter: Houlsby puts one after the attention "
                              "output projection and one after the feed-forward network")
-    exclude_modules: Any = _f(None, "modules removed from the targets: names or a regex")
+    exclude_modules: Any = option(None, "modules removed from the targets: names or a regex")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -150,13 +129,13 @@ class IA3Config(PeftConfig):
     """(IA)³: keys and values scaled by l_k, l_v; the FFN's inner activation by l_ff; all start at 1."""
 
     method: ClassVar[str] = "ia3"
-    target_modules: Any = _f(["k_proj", "v_proj", "down_proj", "fc_out"],
+    target_modules: Any = option(["k_proj", "v_proj", "down_proj", "fc_out"],
                              "modules to rescale: the output of key/value projections, the input of FFN "
                              "down-projections (names, a regex, or 'all-linear')")
-    feedforward_modules: Any = _f(["down_proj", "fc_out"],
+    feedforward_modules: Any = option(["down_proj", "fc_out"],
                                   "targets whose INPUT is scaled (the FFN inner activation); the others "
                                   "have their output scaled. Must be a subset of the targets (None: no such module)")
-    exclude_modules: Any = _f(None, "modules removed from the targets: names or a regex")
+    exclude_modules: Any = option(None, "modules removed from the targets: names or a regex")
 
 
 CONFIGS: dict[str, type[PeftConfig]] = {
@@ -171,14 +150,3 @@ def config_from_dict(d: dict[str, Any]) -> PeftConfig:
         raise ValueError(f"d: expected a dict with 'method' one of {list(CONFIGS)}, got {got!r}")
     rest = {k: v for k, v in d.items() if k != "method"}
     return CONFIGS[d["method"]].from_dict(rest)
-
-
-def describe(config: PeftConfig | type[PeftConfig]) -> dict[str, str]:
-    """field name -> its one-line help (with the allowed values where there is a closed set)."""
-    out = {}
-    for f in dataclasses.fields(config):
-        text = f.metadata["help"]
-        if "choices" in f.metadata:
-            text += f" (one of {', '.join(map(str, f.metadata['choices']))})"
-        out[f.name] = text
-    return out

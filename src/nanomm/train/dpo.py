@@ -25,11 +25,10 @@ Batches hold each pair as two rows of one padded batch, chosen rows first (trl's
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from nanomm.config import Config, option
 from nanomm.io import write_safetensors
 
 __all__ = ["DPOConfig", "LOSSES", "REDUCTIONS", "sequence_logps", "dpo_loss", "dpo_metrics", "pair_logps",
@@ -268,31 +268,19 @@ def precompute_reference_logps(reference: nn.Module, batches: Iterable[dict[str,
 
 # ----------------------------------------------------------------------------- the objective
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
-class DPOConfig:
+class DPOConfig(Config):
     """How the DPO objective scores a batch."""
 
-    beta: float = _f(0.1, "β, the KL-penalty coefficient (not a temperature): larger keeps π closer to π_ref")
-    loss: str = _f("sigmoid", f"the loss, one of {list(LOSSES)}")
-    label_smoothing: float = _f(0.0, "ε, the assumed rate of flipped preference labels (robust, cdpo)")
-    reduction: str = _f("sum", "sequence log-prob over response tokens: 'sum' (trl, the paper) or 'mean'")
+    beta: float = option(0.1, "β, the KL-penalty coefficient (not a temperature): larger keeps π closer to π_ref")
+    loss: str = option("sigmoid", f"the loss, one of {list(LOSSES)}")
+    label_smoothing: float = option(0.0, "ε, the assumed rate of flipped preference labels (robust, cdpo)")
+    reduction: str = option("sum", "sequence log-prob over response tokens: 'sum' (trl, the paper) or 'mean'",
+                        tuple(REDUCTIONS))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_scalars(self.beta, self.loss, self.label_smoothing)
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction: expected one of {list(REDUCTIONS)}, got {self.reduction!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DPOConfig":
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"DPOConfig: unknown keys {unknown}; valid keys are {valid}")
-        return cls(**d)
 
 
 Objective = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -27,6 +27,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from nanomm.config import Config, option
 from nanomm.io import write_json, write_text
 from nanomm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nanomm.train.precision import MixedPrecision
@@ -42,30 +43,27 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """How to train: optimisation, schedule, evaluation, checkpoints."""
 
-    steps: int = _f(1000, "optimizer steps in total")
-    lr: float = _f(3e-4, "peak learning rate, reached at the end of warm-up")
-    min_lr: float = _f(3e-5, "learning rate at the end of the cosine decay")
-    warmup_steps: int = _f(100, "linear warm-up from 0 to lr over this many steps")
-    weight_decay: float = _f(0.1, "AdamW decoupled weight decay, applied to matrices only (not biases, norms)")
-    beta1: float = _f(0.9, "AdamW β1")
-    beta2: float = _f(0.95, "AdamW β2")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this value; 0 disables clipping")
-    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
-    eval_every: int = _f(100, "evaluate on the validation source every this many steps; 0 disables")
-    eval_batches: int = _f(10, "validation batches per evaluation")
-    save_every: int = _f(200, "checkpoint every this many steps (and at the end); 0 saves only at the end")
-    log_every: int = _f(10, "append a row to metrics.jsonl every this many steps")
-    seed: int = _f(0, "seed of torch, numpy and Python RNGs")
+    steps: int = option(1000, "optimizer steps in total")
+    lr: float = option(3e-4, "peak learning rate, reached at the end of warm-up")
+    min_lr: float = option(3e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(100, "linear warm-up from 0 to lr over this many steps")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay, applied to matrices only (not biases, norms)")
+    beta1: float = option(0.9, "AdamW β1")
+    beta2: float = option(0.95, "AdamW β2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this value; 0 disables clipping")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    eval_every: int = option(100, "evaluate on the validation source every this many steps; 0 disables")
+    eval_batches: int = option(10, "validation batches per evaluation")
+    save_every: int = option(200, "checkpoint every this many steps (and at the end); 0 saves only at the end")
+    log_every: int = option(10, "append a row to metrics.jsonl every this many steps")
+    seed: int = option(0, "seed of torch, numpy and Python RNGs")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("steps", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
@@ -74,14 +72,6 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"lr, min_lr: expected 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown keys {unknown}; valid keys are {valid}")
-        return cls(**d)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
