@@ -20,7 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "attention": ("nanomm.bench.attention", "naive vs flash vs sdpa attention: time and peak memory, T = 512 … 8192"),
     "train": ("nanomm.bench.train", "training tokens/s of nanomm's LLaMA vs transformers'; peak memory fp32 vs bf16"),
     "generate": ("nanomm.bench.generate", "decoding with and without KV cache; nanomm vs transformers generate"),
-    "bm25": ("nanomm.bench.bm25", "index time and queries/s of nanomm's BM25 vs bm25s and rank_bm25"),
+    "bm25": ("nanomm.bench.bm25", "nanomm's BM25 vs bm25s and rank_bm25: index time and queries/s"),
 }
 
 
@@ -64,6 +64,10 @@ def bench(
         typer.echo(json.dumps(result, indent=2))
 
 
+from nanomm.rag.cli import rag_app  # noqa: E402 - the sub-app is defined in its own package
+
+app.add_typer(rag_app, name="rag", help="Retrieval-augmented answers: index, search, ask, eval.")
+
 train_app = typer.Typer(no_args_is_help=True, help="Train a model end to end; the output folder loads with from_hf.")
 app.add_typer(train_app, name="train")
 
@@ -92,12 +96,17 @@ def train_lm_cmd(
     precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from the latest checkpoint in --out."),
+    distributed: Optional[str] = typer.Option(None, "--distributed",
+                                              help="ddp | zero1 | zero2 | zero3 | deepspeed: train on --nproc processes."),
+    nproc: int = typer.Option(2, "--nproc", min=1, help="Processes for --distributed (gloo on CPU, nccl on GPU)."),
+    ds_config: Optional[Path] = typer.Option(None, "--ds-config", help="DeepSpeed JSON config (with --distributed deepspeed)."),
 ) -> None:
-    """Pretrain a GPT or LLaMA on next-token prediction."""
+    """Pretrain a GPT or LLaMA on next-token prediction, on one process or several."""
     from nanomm.train.recipes import train_lm
 
     _run_recipe(train_lm, out, preset_name=preset_name, data=data, steps=steps, batch_size=batch_size,
-                block_size=block_size, lr=lr, precision=precision, seed=seed, resume=resume)
+                block_size=block_size, lr=lr, precision=precision, seed=seed, resume=resume,
+                distributed=distributed, nproc=nproc if distributed else 1, ds_config=ds_config)
 
 
 @train_app.command("mlm")
@@ -139,6 +148,26 @@ def generate(
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from None
     typer.echo()
+
+
+@app.command()
+def memory(
+    preset_name: str = typer.Option("llama-7b", "--preset", help="Model preset whose parameters are counted."),
+    stage: int = typer.Option(2, "--stage", help="ZeRO stage: 0 (plain data parallel), 1, 2 or 3."),
+    gpus: int = typer.Option(8, "--gpus", min=1, help="Data-parallel degree N_d."),
+    lora_r: Optional[int] = typer.Option(None, "--lora-r", min=1, help="Train LoRA of this rank on q and v instead of all weights."),
+    precision: str = typer.Option("mixed", "--precision", help="mixed (2+2+12 B/param) | fp32 (4+4+8 B/param)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sequence length for the activation estimate."),
+    micro_batch: int = typer.Option(1, "--micro-batch", min=1),
+) -> None:
+    """Bytes per device for weights, gradients, optimizer states and activations (the ZeRO paper's model)."""
+    from nanomm.train.memory_report import print_memory_table
+
+    try:
+        print_memory_table(preset_name, stage, gpus, lora_r=lora_r, precision=precision, seq_len=seq_len,
+                           micro_batch=micro_batch)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 @app.command()

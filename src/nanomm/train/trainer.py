@@ -15,6 +15,7 @@ data position restored, so an interrupted run continues exactly as if it had nev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -107,6 +108,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.mp.parameters(), cfg)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.is_main = True  # False on ranks > 0 of a distributed run: they train, rank 0 writes
 
     # ------------------------------------------------------------------ pieces
     def _micro_step(self) -> tuple[float, dict[str, float], int]:
@@ -144,23 +146,11 @@ class Trainer:
             out.update(loss_scale=scale, skipped=float(overflow))
         return out
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss and metrics over cfg.eval_batches validation batches."""
         if self.val_data is None:
             return {}
-        self.model.eval()
-        sums: dict[str, float] = {}
-        n = 0
-        for batch in self.val_data():
-            if n == self.cfg.eval_batches:
-                break
-            with self.mp.autocast():
-                loss, metrics = self.objective(self.model, batch)
-            for k, v in {"loss": float(loss), **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n += 1
-        return {f"val_{k}": v / max(1, n) for k, v in sums.items()}
+        return evaluate(self.model, self.objective, self.val_data(), self.cfg.eval_batches, self.mp.autocast)
 
     def save(self) -> Path:
         mp = self.mp.state_dict()
@@ -183,7 +173,8 @@ class Trainer:
         return True
 
     def _write_metrics(self) -> None:
-        write_text(self.out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.history))
+        if self.is_main:
+            write_text(self.out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.history))
 
     # ------------------------------------------------------------------ the loop
     def fit(self, *, resume: bool = False) -> list[dict[str, float]]:
@@ -209,9 +200,30 @@ class Trainer:
                 progress.update(task, completed=self.step, info=info + (f" {tok_s:,.0f} tok/s" if tokens_seen else ""))
                 if (self.cfg.save_every and self.step % self.cfg.save_every == 0) or self.step == self.cfg.steps:
                     self.save()
-        write_json(self.out / "train_config.json", dataclasses.asdict(self.cfg))
-        plot_losses(self.history, self.out / "loss.png")
+        if self.is_main:
+            write_json(self.out / "train_config.json", dataclasses.asdict(self.cfg))
+            plot_losses(self.history, self.out / "loss.png")
         return self.history
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, objective: Objective, batches: Iterator[Any], max_batches: int,
+             autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
+    """Mean of the objective's loss and metrics over at most ``max_batches`` batches, as ``val_*``."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in batches:
+        if n == max_batches:
+            break
+        with autocast():
+            loss, metrics = objective(model, batch)
+        for k, v in {"loss": float(loss), **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    model.train(was_training)
+    return {f"val_{k}": v / max(1, n) for k, v in sums.items()}
 
 
 def plot_losses(history: list[dict[str, float]], path: Path) -> None:
