@@ -13,6 +13,7 @@ REFERENCES = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP; tests/models/test_vit.py checks transformers
 }
 # float32: each side is a handful of elementwise ops on the same input; torch's fused kernels may
 # round each step differently, a few ulp (1.2e-7) of O(|x|) values. float64: the same at 2^-52.

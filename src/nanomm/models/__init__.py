@@ -19,12 +19,15 @@ from nanomm.models.gpt import GPT
 from nanomm.models.llama import Llama
 from nanomm.models.outputs import BaseModelOutput, CausalLMOutput, PreTrainingOutput
 from nanomm.models.params import ParamCount, count_params, params_rows, print_params_table
+from nanomm.models.vision_config import CLIPConfig, ViTConfig, vision_preset
+from nanomm.models.vit import ViT
+from nanomm.models.clip import CLIP
 
 __all__ = [
     "BertConfig", "GPTConfig", "LlamaConfig", "ModelConfig", "preset", "preset_names", "describe",
     "BertModel", "BertForPreTraining", "GPT", "Llama", "build", "count_params", "ParamCount",
     "params_rows", "print_params_table", "BaseModelOutput", "CausalLMOutput", "PreTrainingOutput",
-    "from_hf", "to_hf",
+    "from_hf", "to_hf", "ViT", "CLIP", "ViTConfig", "CLIPConfig", "vision_preset",
 ]
 
 BERT_TASKS: dict[str, type[nn.Module]] = {"base": BertModel, "pretraining": BertForPreTraining}
@@ -33,6 +36,8 @@ BUILDERS: dict[type[ModelConfig], Callable[[ModelConfig], nn.Module]] = {
     BertConfig: lambda c: BERT_TASKS[c.task](c),
     GPTConfig: GPT,
     LlamaConfig: Llama,
+    ViTConfig: ViT,
+    CLIPConfig: CLIP,
 }
 
 

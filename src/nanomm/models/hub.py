@@ -213,6 +213,20 @@ def _map_out(family: Family, model: nn.Module) -> dict[str, Tensor]:
 
 # ----------------------------------------------------------------------------- public API
 
+# model_type -> (reader, writer, nanomm class name) of families whose loader lives beside their model,
+# as "module:function"; they reuse this module's strict name mapping (_map_in, _our_weights)
+MULTIMODAL_LOADERS: dict[str, tuple[str, str, str]] = {
+    "clip": ("nanomm.models.clip:clip_from_hf", "nanomm.models.clip:clip_to_hf", "CLIP"),
+}
+
+
+def _multimodal(target: str):
+    import importlib
+
+    module, fn = target.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
 def from_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
             device: str | torch.device = "cpu") -> nn.Module:
     """Load a local Hugging Face folder (BERT, GPT-2, LLaMA; sentence-transformers layout too)."""
@@ -223,6 +237,8 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         raise FileNotFoundError(f"path: no config.json in {str(folder)!r}")
     cfg = json.loads((folder / "config.json").read_text())
     model_type = cfg.get("model_type")
+    if model_type in MULTIMODAL_LOADERS:
+        return _multimodal(MULTIMODAL_LOADERS[model_type][0])(folder, dtype=dtype, device=device)
     if model_type not in FAMILIES:
         raise ValueError(f"config.json: model_type {model_type!r} is not supported; expected one of {sorted(FAMILIES)}")
     family = FAMILIES[model_type]
@@ -242,6 +258,9 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
 
 def to_hf(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` as a Hugging Face folder (config.json + model.safetensors), atomically."""
+    for model_type, (_, writer, cls) in MULTIMODAL_LOADERS.items():
+        if type(model).__name__ == cls:
+            return _multimodal(writer)(model, path)
     model_type, architecture = hf_format_of(model)
     family = FAMILIES[model_type]
     tensors = _map_out(family, model)

@@ -7,6 +7,7 @@ Activations (Hendrycks & Gimpel, 2016, for GELU):
   gelu       z · Φ(z) = ½ z (1 + erf(z/√2))                          BERT, ViT
   gelu_tanh  ½ z (1 + tanh(√(2/π) (z + 0.044715 z³)))                 GPT-2's approximation
   relu       max(z, 0)                                                the original Transformer
+  quick_gelu z · σ(1.702 z)                                           OpenAI's CLIP checkpoints
 
 SwiGLU has three matrices instead of two; LLaMA sizes the hidden width at about 2/3 · 4d so the
 parameter count stays that of a 4d MLP (11008 for d = 4096).
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "FORMULAS", "MLP", "SwiGLU"]
+__all__ = ["gelu", "gelu_tanh", "relu", "silu", "quick_gelu", "ACTIVATIONS", "FORMULAS", "MLP", "SwiGLU"]
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -41,6 +42,10 @@ def silu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
 
+def quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
 # The formulas above define the functions (and the tests check against them); the layers run torch's
 # fused kernels for the same functions: one pass over memory instead of five, and no saved intermediates.
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -48,8 +53,10 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_tanh": partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
+    "quick_gelu": quick_gelu,  # no fused kernel in torch; the formula is the layer
 }
-FORMULAS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": gelu, "gelu_tanh": gelu_tanh, "relu": relu, "silu": silu}
+FORMULAS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": gelu, "gelu_tanh": gelu_tanh, "relu": relu, "silu": silu,
+                                                   "quick_gelu": quick_gelu}
 
 
 def _check_widths(dim: int, hidden: int) -> None:
