@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from nanomm.train.distributed import Strategy
+from nanomm.train.strategies import Strategy
 from nanomm.train.memory_report import held_bytes, optimizer_tensors
 from nanomm.train.trainer import TrainConfig, make_optimizer
 
