@@ -43,6 +43,14 @@ def test_train_lm_writes_a_hugging_face_folder(tmp_path):
     torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_activation_checkpointing_trains_the_same(tmp_path):
+    """Recomputing blocks in backward changes memory, not the numbers."""
+    kw = dict(steps=2, batch_size=2, block_size=16, vocab_size=300, eval_every=0, eval_batches=1)
+    plain = train_lm(tmp_path / "plain", **kw).metrics
+    ckpt = train_lm(tmp_path / "ckpt", activation_checkpointing=True, **kw).metrics
+    assert ckpt["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
+
+
 def test_train_mlm_reports_baselines(tmp_path):
     r = train_mlm(tmp_path, steps=2, batch_size=4, max_seq_length=32, vocab_size=512, eval_every=0)
     m = r.metrics

@@ -23,6 +23,7 @@ from nanomm.io import write_json
 from nanomm.models import build, preset, to_hf
 from nanomm.train.objectives import IGNORE_INDEX, causal_lm, mlm_nsp, unigram_cross_entropy
 from nanomm.train.distributed import Job
+from nanomm.train.memory_report import checkpoint_blocks
 from nanomm.train.trainer import TrainConfig, Trainer, evaluate
 
 
@@ -83,12 +84,13 @@ def lm_job(out_dir: str | Path, *, preset_name: str = "llama-tiny", data: str = 
 def train_lm(out_dir: str | Path, *, preset_name: str = "llama-tiny", data: str = "pydoc", steps: int = 600,
              batch_size: int = 16, block_size: int = 128, vocab_size: int = 4096, precision: str = "fp32",
              lr: float = 3e-3, seed: int = 0, resume: bool = False, distributed: str | None = None, nproc: int = 1,
-             ds_config: str | Path | None = None, console: Console | None = None,
-             **train_overrides: Any) -> RunResult:
+             ds_config: str | Path | None = None, activation_checkpointing: bool = False,
+             console: Console | None = None, **train_overrides: Any) -> RunResult:
     """Pretrain a decoder (GPT or LLaMA preset) on next-token prediction; returns the final metrics.
 
     ``distributed`` (ddp | zero1 | zero2 | zero3 | deepspeed) trains on ``nproc`` processes through
     nanomm.train.distributed.launch; the sharded checkpoint is consolidated and exported the same way.
+    ``activation_checkpointing`` recomputes each block in backward instead of keeping its activations.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,8 @@ def train_lm(out_dir: str | Path, *, preset_name: str = "llama-tiny", data: str 
     job = lm_job(out, **kwargs)
     start = time.perf_counter()
     if distributed is None:
+        if activation_checkpointing:
+            checkpoint_blocks(job.model)
         trainer = Trainer(job.model, job.objective, job.train_data, job.cfg, out, val_data=job.val_data,
                           tokens_per_batch=job.tokens_per_batch, precision=precision, console=console)
         trainer.fit(resume=resume)
@@ -109,7 +113,8 @@ def train_lm(out_dir: str | Path, *, preset_name: str = "llama-tiny", data: str 
             raise ValueError("resume: a distributed run cannot resume yet; start a new --out, or train on one process")
         launch("nanomm.train.recipes:lm_job", out, distributed=distributed, nproc=nproc,
                build_kwargs={"out_dir": str(out), **kwargs},
-               precision=precision, ds_config=ds_config, seed=seed, progress=console is not None)
+               precision=precision, ds_config=ds_config, seed=seed, progress=console is not None,
+               activation_checkpointing=activation_checkpointing)
         model = job.model.float()
         load_model(model, str(out / "checkpoints" / f"step-{steps:08d}" / "model.safetensors"))
     seconds = time.perf_counter() - start
