@@ -151,6 +151,70 @@ def train_clip_cmd(
                 precision=precision, seed=seed, resume=resume)
 
 
+def _vlm_options(stage1_steps: int, stage2_steps: int, seed: int):
+    from nanomm.train.recipes_vlm import VlmOptions
+
+    return VlmOptions(stage1_steps=stage1_steps, stage2_steps=stage2_steps, seed=seed)
+
+
+def _print_vlm(metrics: dict, out: Path) -> None:
+    console.print_json(data=metrics)
+    console.print(f"model and results.json in {out}")
+
+
+@train_app.command("blip2")
+def train_blip2_cmd(
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    vision: Optional[Path] = typer.Option(None, "--vision", help="A `nanomm train clip` folder for the frozen tower "
+                                                                  "(default: train one first)."),
+    stage1_steps: int = typer.Option(400, "--stage1-steps", min=1, help="Representation stage: ITC + ITM + ITG."),
+    stage2_steps: int = typer.Option(1500, "--stage2-steps", min=1, help="Generative stage: Q-Former → frozen LM."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train BLIP-2's two stages on the shapes: frozen ViT, Q-Former, projection, frozen LM; captions scored."""
+    from nanomm.train.recipes_vlm import train_blip2
+
+    _print_vlm(train_blip2(out, options=_vlm_options(stage1_steps, stage2_steps, seed), vision_dir=vision,
+                           console=console), out)
+
+
+@train_app.command("llava")
+def train_llava_cmd(
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    vision: Optional[Path] = typer.Option(None, "--vision", help="A `nanomm train clip` folder for the tower "
+                                                                  "(default: train one first)."),
+    projector: str = typer.Option("mlp2x_gelu", "--projector", help="linear (LLaVA-1) | mlp2x_gelu (LLaVA-1.5)."),
+    lora: bool = typer.Option(False, "--lora", help="Stage 2 trains LoRA on the LLM instead of all its weights."),
+    stage1_steps: int = typer.Option(400, "--stage1-steps", min=1, help="Projector only, on captions."),
+    stage2_steps: int = typer.Option(1500, "--stage2-steps", min=1, help="Projector + LLM, on questions."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train LLaVA's two stages on the shapes; question-answer accuracy scored against chance."""
+    from nanomm.train.recipes_vlm import train_llava
+
+    try:
+        metrics = train_llava(out, options=_vlm_options(stage1_steps, stage2_steps, seed), projector=projector,
+                              lora=lora, vision_dir=vision, console=console)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    _print_vlm(metrics, out)
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument("", help="The question (LLaVA); a BLIP-2 folder captions the image instead."),
+    model: Path = typer.Option(..., "--model", help="A `nanomm train llava` or `nanomm train blip2` folder."),
+    image: Path = typer.Option(..., "--image", help="A PNG or JPEG file."),
+) -> None:
+    """Ask a trained vision-language model about an image."""
+    from nanomm.train.recipes_vlm import ask as ask_vlm
+
+    try:
+        typer.echo(ask_vlm(model, image, question))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 @app.command("zero-shot")
 def zero_shot_cmd(
     model: Path = typer.Option(..., "--model", help="A CLIP folder (nanomm train clip, or a Hugging Face CLIP)."),
