@@ -25,9 +25,6 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 BACKENDS = ("auto", "sdpa", "naive", "flash")
 
 
-_f = option  # the old name, still used by vision_config and multimodal_config
-
-
 @dataclass
 class ModelConfig(Config):
     """Shared behaviour: validation, dict round trip, help text."""

@@ -21,7 +21,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from nanomm.models.config import ACTIVATIONS, BACKENDS, FAMILIES, GPTConfig, LlamaConfig, ModelConfig, _f, preset
+from nanomm.config import option
+from nanomm.models.config import ACTIVATIONS, BACKENDS, FAMILIES, GPTConfig, LlamaConfig, ModelConfig, preset
 from nanomm.models.vision_config import ViTConfig, vision_preset
 
 __all__ = ["QFormerConfig", "Blip2Config", "LlavaConfig", "PROJECTOR_NAMES", "FEATURE_SELECTS",
@@ -36,24 +37,24 @@ class QFormerConfig(ModelConfig):
     """Q-Former: n_query learnable queries and text share self-attention; queries alone cross-attend."""
 
     family: ClassVar[str] = "qformer"
-    vocab_size: int = _f(30523, "WordPiece vocabulary: BERT's 30522 + [DEC], the decoding start token of ITG")
-    max_positions: int = _f(512, "learned text positions (queries carry none: they are a set)")
-    n_layer: int = _f(12, "layers (BERT-base)")
-    n_head: int = _f(12, "attention heads")
-    dim: int = _f(768, "hidden width d, also the width of each query")
-    ff_dim: int = _f(3072, "feed-forward inner width (query and text FFNs alike)")
-    n_query: int = _f(32, "learnable query tokens: the image is summarised into this many vectors")
-    cross_dim: int = _f(1408, "width of the image features the queries attend to (EVA ViT-g/14: 1408)")
-    cross_attention_freq: int = _f(2, "cross-attention in layers 0, f, 2f, …")
-    text_ffn: bool = _f(True, "separate FFNs for text tokens (stage 1 needs them; stage 2 ignores them)")
-    lm_head: bool = _f(True, "MLM-style LM head for ITG (dense, GELU, LayerNorm, decoder tied to the words)")
-    activation: str = _f("gelu", "feed-forward activation (BERT: exact erf GELU)", ACTIVATIONS)
-    layer_norm_eps: float = _f(1e-12, "LayerNorm epsilon (BERT: 1e-12)")
-    dropout: float = _f(0.1, "dropout on embeddings and residual branches")
-    init_std: float = _f(0.02, "std of the truncated-normal weight init, and of the queries")
-    pad_token_id: int = _f(0, "id of [PAD]")
-    dec_token_id: int = _f(30522, "[DEC]: replaces [CLS] as the first token of ITG's decoder input")
-    backend: str = _f("auto", "attention backend", BACKENDS)
+    vocab_size: int = option(30523, "WordPiece vocabulary: BERT's 30522 + [DEC], the decoding start token of ITG")
+    max_positions: int = option(512, "learned text positions (queries carry none: they are a set)")
+    n_layer: int = option(12, "layers (BERT-base)")
+    n_head: int = option(12, "attention heads")
+    dim: int = option(768, "hidden width d, also the width of each query")
+    ff_dim: int = option(3072, "feed-forward inner width (query and text FFNs alike)")
+    n_query: int = option(32, "learnable query tokens: the image is summarised into this many vectors")
+    cross_dim: int = option(1408, "width of the image features the queries attend to (EVA ViT-g/14: 1408)")
+    cross_attention_freq: int = option(2, "cross-attention in layers 0, f, 2f, …")
+    text_ffn: bool = option(True, "separate FFNs for text tokens (stage 1 needs them; stage 2 ignores them)")
+    lm_head: bool = option(True, "MLM-style LM head for ITG (dense, GELU, LayerNorm, decoder tied to the words)")
+    activation: str = option("gelu", "feed-forward activation (BERT: exact erf GELU)", ACTIVATIONS)
+    layer_norm_eps: float = option(1e-12, "LayerNorm epsilon (BERT: 1e-12)")
+    dropout: float = option(0.1, "dropout on embeddings and residual branches")
+    init_std: float = option(0.02, "std of the truncated-normal weight init, and of the queries")
+    pad_token_id: int = option(0, "id of [PAD]")
+    dec_token_id: int = option(30522, "[DEC]: replaces [CLS] as the first token of ITG's decoder input")
+    backend: str = option("auto", "attention backend", BACKENDS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -131,9 +132,9 @@ class Blip2Config(_Composite):
                                    metadata={"help": "the Q-Former"})
     lm: Any = field(default_factory=lambda: preset("gpt-tiny", **_GPT_TINY),
                     metadata={"help": "the frozen decoder LM"})
-    embed_dim: int = _f(32, "width of the ITC space (vision_proj, text_proj)")
-    temperature: float = _f(0.07, "initial ITC temperature τ (learned, clamped to [0.001, 0.5] as in LAVIS)")
-    vision_feature_layer: int = _f(-1, "ViT hidden state fed to the Q-Former. BLIP-2 §3.3 takes the second last "
+    embed_dim: int = option(32, "width of the ITC space (vision_proj, text_proj)")
+    temperature: float = option(0.07, "initial ITC temperature τ (learned, clamped to [0.001, 0.5] as in LAVIS)")
+    vision_feature_layer: int = option(-1, "ViT hidden state fed to the Q-Former. BLIP-2 §3.3 takes the second last "
                                        "block of EVA ViT-g; the vit-g-14 preset already stops there (39 of 40 "
                                        "blocks, as transformers), so its last state is the one")
 
@@ -166,10 +167,10 @@ class LlavaConfig(_Composite):
                               metadata={"help": "the frozen CLIP vision tower (a ViTConfig)"})
     lm: Any = field(default_factory=lambda: preset("llama-tiny", **_LLAMA_TINY),
                     metadata={"help": "the LLaMA decoder"})
-    projector: str = _f("mlp2x_gelu", "'linear' (LLaVA-1) or 'mlp2x_gelu' (LLaVA-1.5)", PROJECTOR_NAMES)
-    vision_feature_layer: int = _f(-2, "CLIP hidden state used (LLaVA: the second last layer)")
-    feature_select: str = _f("patch", "'patch' drops [CLS] (LLaVA), 'full' keeps it", FEATURE_SELECTS)
-    image_token_id: int = _f(511, "the <image> placeholder's id in the LM vocabulary (HF LLaVA-1.5: 32000)")
+    projector: str = option("mlp2x_gelu", "'linear' (LLaVA-1) or 'mlp2x_gelu' (LLaVA-1.5)", PROJECTOR_NAMES)
+    vision_feature_layer: int = option(-2, "CLIP hidden state used (LLaVA: the second last layer)")
+    feature_select: str = option("patch", "'patch' drops [CLS] (LLaVA), 'full' keeps it", FEATURE_SELECTS)
+    image_token_id: int = option(511, "the <image> placeholder's id in the LM vocabulary (HF LLaVA-1.5: 32000)")
 
     def __post_init__(self) -> None:
         _check_vision(self.vision)
