@@ -52,7 +52,7 @@ def _stepper(model, loss_fn, lr=1e-3):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
