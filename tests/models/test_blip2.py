@@ -16,14 +16,6 @@ from nanomm.train import objectives_blip2 as ob
 B, T = 4, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than two contending
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> Blip2:
     torch.manual_seed(0)

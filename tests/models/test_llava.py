@@ -17,14 +17,6 @@ from nanomm.models.multimodal_config import LlavaConfig, multimodal_preset
 IMG, N = 59, 4  # image token id; 16 px images in 8 px patches: 4 patch tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than two contending
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """A random tiny HF LLaVA (CLIP ViT + LLaMA with GQA), saved, reloaded, and loaded into nanomm."""

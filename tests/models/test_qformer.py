@@ -18,14 +18,6 @@ ATOL = 1e-5
 N_Q, D, CROSS, V, T = 5, 32, 24, 99, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than two contending
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny(**kw) -> QFormerConfig:
     fields = dict(vocab_size=V, max_positions=20, n_layer=3, n_head=4, dim=D, ff_dim=37, n_query=N_Q,
                   cross_dim=CROSS, dec_token_id=V - 1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from nanomm.tour.chapter import TourContext
 from nanomm.tour.chapters import ch09_blip2 as ch09
@@ -13,12 +12,7 @@ from nanomm.tour.chapters import ch09_blip2 as ch09
 
 @pytest.fixture(scope="module")
 def chapter(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread avoids contention
-    try:
-        yield ch09.run(TourContext(out=tmp_path_factory.mktemp("tour"), quick=True))
-    finally:
-        torch.set_num_threads(threads)
+    yield ch09.run(TourContext(out=tmp_path_factory.mktemp("tour"), quick=True))
 
 
 def test_identity():

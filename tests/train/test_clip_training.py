@@ -18,13 +18,8 @@ MICRO = {"vision": {"n_layer": 1, "dim": 48, "ff_dim": 96, "n_head": 2},
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared; one thread is faster than two contending
-    try:
-        return train_clip(tmp_path_factory.mktemp("clip"), data="shapes", steps=100, batch_size=64, n_train=480,
-                          lr=3e-3, eval_n=96, model_overrides=MICRO, warmup_steps=5)
-    finally:
-        torch.set_num_threads(threads)
+    return train_clip(tmp_path_factory.mktemp("clip"), data="shapes", steps=100, batch_size=64, n_train=480,
+                      lr=3e-3, eval_n=96, model_overrides=MICRO, warmup_steps=5)
 
 
 def test_loss_decreases(run):

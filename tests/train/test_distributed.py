@@ -29,16 +29,6 @@ WORLD = 2
 FINAL = "checkpoints/step-00000003/model.safetensors"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a loaded 2-core machine each OpenMP barrier can
-    cost a scheduler slice (a 3-block forward + backward: 2 s with 2 threads, 20 ms with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _spawn(runs: list[dict], out: Path) -> dict[tuple[str, int], dict]:
     """Train every run in one pair of forked processes; (run name, rank) -> history and bytes held."""
     queue = mp.get_context("fork").SimpleQueue()

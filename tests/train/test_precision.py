@@ -23,16 +23,6 @@ TINY = 2.0**-18  # loss weight: gradients near 1e-8 (median 1.7e-8), the tail fp
 LR = 0.5 / TINY  # SGD undoes the weight, so in exact arithmetic the run is plain training at lr 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny fp16 matmuls gain nothing from threads, and on a shared CPU each OpenMP barrier can cost a
-    time slice (seconds per fp16 bmm with a transposed operand, measured with 2 threads under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, D, generator=g)

@@ -18,14 +18,6 @@ from nanomm.train.objectives_llava import llava_lm
 from nanomm.train.trainer import TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than two contending
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return R.vlm_tokenizer()
