@@ -151,6 +151,52 @@ def train_clip_cmd(
                 precision=precision, seed=seed, resume=resume)
 
 
+@train_app.command("sft")
+def train_sft_cmd(
+    base: Path = typer.Option(..., "--base", help="The base model folder (from `nanomm train lm`)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: merged HF model, adapter/ (PEFT), results.json."),
+    peft: str = typer.Option("lora", "--peft", help="lora | prefix | adapter | ia3 | none (full fine-tune)."),
+    steps: int = typer.Option(300, "--steps", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the method's)."),
+    rejected_fraction: float = typer.Option(0.0, "--rejected-fraction",
+                                            help="Share of demonstrations answered the rejected way (a DPO start point)."),
+    pack: bool = typer.Option(False, "--pack", help="Pack several examples per row (attention kept within each)."),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the latest checkpoint in --out."),
+) -> None:
+    """Supervised fine-tuning on the instruction set: loss on response tokens only, full or parameter-efficient."""
+    from nanomm.train.recipes_finetune import train_sft
+
+    _run_recipe(train_sft, out, base_dir=base, peft=peft, steps=steps, batch_size=batch_size, lr=lr,
+                rejected_fraction=rejected_fraction, pack=pack, precision=precision, seed=seed, resume=resume)
+
+
+@train_app.command("dpo")
+def train_dpo_cmd(
+    base: Path = typer.Option(..., "--base", help="The SFT model folder (from `nanomm train sft`); also the reference."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    beta: float = typer.Option(0.1, "--beta", help="β, the KL-penalty coefficient (not a temperature)."),
+    loss: str = typer.Option("sigmoid", "--loss", help="sigmoid (the paper) | ipo | hinge | robust | cdpo."),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="ε, assumed rate of flipped labels."),
+    peft: str = typer.Option("lora", "--peft", help="lora (reference = adapters off, no copy) | none (frozen copy)."),
+    steps: int = typer.Option(200, "--steps", min=1),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the method's)."),
+    precompute_reference: bool = typer.Option(True, "--precompute-reference/--live-reference",
+                                              help="Reference log-probs computed once and cached on disk."),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the latest checkpoint in --out."),
+) -> None:
+    """Direct preference optimisation from an SFT model; held-out reward accuracy and answer-kind rates."""
+    from nanomm.train.recipes_finetune import train_dpo
+
+    _run_recipe(train_dpo, out, sft_dir=base, beta=beta, loss=loss, label_smoothing=label_smoothing, peft=peft,
+                steps=steps, batch_size=batch_size, lr=lr, precompute_reference=precompute_reference, seed=seed,
+                resume=resume)
+
+
 def _vlm_options(stage1_steps: int, stage2_steps: int, seed: int):
     from nanomm.train.recipes_vlm import VlmOptions
 
