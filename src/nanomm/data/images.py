@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from nanomm.data.lm import Batcher
+from nanomm.data.lm import Batcher, Batches
 from nanomm.data.tokenizer import TextTokenizer
 from nanomm.io import atomic_path
 
@@ -371,7 +371,7 @@ def caption_tokenizer() -> TextTokenizer:
 
 # ----------------------------------------------------------------------------- batches
 
-class ImageTextBatches:
+class ImageTextBatches(Batches):
     """Endless, resumable batches {"pixel_values" (B, 3, H, W), "input_ids" (B, T), "attention_mask"
     (B, T), "index" (B,)} of a dataset. ``augment=True`` picks a caption template per image (seeded
     by the batch, so a resumed run replays it); False uses the canonical caption."""
@@ -383,21 +383,11 @@ class ImageTextBatches:
         self.dataset, self.tokenizer, self.augment = dataset, tokenizer, augment
         self.batcher = Batcher(len(dataset), batch_size, seed=seed)
 
-    def __iter__(self) -> "ImageTextBatches":
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        idx = next(self.batcher)
-        rng = np.random.default_rng(self.batcher.batch_seed)
+    def batch(self, indices: Sequence[int], seed: int | None = None) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng(seed)
         if self.augment:
-            texts = [(lambda v: v[rng.integers(len(v))])(self.dataset.caption_variants(int(i))) for i in idx]
+            texts = [(lambda v: v[rng.integers(len(v))])(self.dataset.caption_variants(int(i))) for i in indices]
         else:
-            texts = [self.dataset.captions[int(i)] for i in idx]
+            texts = [self.dataset.captions[int(i)] for i in indices]
         enc = self.tokenizer.encode_batch(texts)
-        return {"pixel_values": self.dataset.images(idx), **enc, "index": torch.as_tensor(idx)}
-
-    def state_dict(self) -> dict:
-        return self.batcher.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batcher.load_state_dict(state)
+        return {"pixel_values": self.dataset.images(indices), **enc, "index": torch.as_tensor(indices)}

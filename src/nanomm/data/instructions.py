@@ -38,12 +38,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from nanomm.data.lm import Batcher
+from nanomm.data.lm import Batcher, Batches
 from nanomm.data.tokenizer import TextTokenizer
 
 __all__ = ["TEMPLATE", "Example", "Task", "TASKS", "SPLITS", "format_prompt", "make_examples", "demonstrations",
@@ -288,7 +288,7 @@ def collate_packed(groups: Sequence[Sequence[tuple[Tensor, Tensor]]], pad_id: in
     return {"input_ids": ids, "targets": targets, "position_ids": positions, "segment_ids": segments}
 
 
-class SFTBatches:
+class SFTBatches(Batches):
     """Endless SFT batches with a resumable position; ``epoch_batches()`` for evaluation.
 
     Unpacked: ``batch_size`` examples per batch, right-padded to the longest. Packed: the examples are
@@ -308,29 +308,12 @@ class SFTBatches:
         self.batcher = Batcher(len(self.items), batch_size, seed=seed, shuffle=shuffle,
                                drop_last=len(self.items) >= batch_size)
 
-    def batch(self, items: Sequence[int]) -> dict[str, Tensor]:
+    def batch(self, items: Sequence[int], seed: int | None = None) -> dict[str, Tensor]:
         groups = [[self.rows[i] for i in self.items[j]] for j in items]
         if self.pack:
             return collate_packed(groups, self.pad_id, self.max_length)
         return collate_sft([g[0] for g in groups], self.pad_id)
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, Tensor]:
-        return self.batch(next(self.batcher))
-
-    def state_dict(self) -> dict:
-        return self.batcher.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batcher.load_state_dict(state)
-
-    def epoch_batches(self) -> Iterator[dict[str, Tensor]]:
-        """Every item once, in order, independent of the training position."""
-        size = self.batcher.batch_size
-        for start in range(0, len(self.items), size):
-            yield self.batch(range(start, min(start + size, len(self.items))))
 
 
 def collate_preferences(examples: Sequence[Example], tokenizer: TextTokenizer, index: Sequence[int]
@@ -352,7 +335,7 @@ def collate_preferences(examples: Sequence[Example], tokenizer: TextTokenizer, i
             "index": torch.as_tensor(list(index), dtype=torch.long)}
 
 
-class PreferenceBatches:
+class PreferenceBatches(Batches):
     """Endless preference batches of ``batch_size`` pairs; pair i has index ``index_base + i``."""
 
     def __init__(self, examples: Sequence[Example], tokenizer: TextTokenizer, batch_size: int, *, seed: int = 0,
@@ -364,26 +347,10 @@ class PreferenceBatches:
         self.batcher = Batcher(len(self.examples), batch_size, seed=seed, shuffle=shuffle,
                                drop_last=len(self.examples) >= batch_size)
 
-    def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
+    def batch(self, indices: Sequence[int], seed: int | None = None) -> dict[str, Tensor]:
         return collate_preferences([self.examples[i] for i in indices], self.tokenizer,
                                    [self.index_base + int(i) for i in indices])
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, Tensor]:
-        return self.batch(next(self.batcher))
-
-    def state_dict(self) -> dict:
-        return self.batcher.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batcher.load_state_dict(state)
-
-    def epoch_batches(self) -> Iterator[dict[str, Tensor]]:
-        size = self.batcher.batch_size
-        for start in range(0, len(self.examples), size):
-            yield self.batch(range(start, min(start + size, len(self.examples))))
 
 
 def prompt_batch(examples: Sequence[Example], tokenizer: TextTokenizer) -> dict[str, Tensor]:

@@ -20,7 +20,7 @@ position, so a resumed run draws exactly the batches the interrupted one would h
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -173,7 +173,40 @@ class Batcher:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-class LMBatches:
+class Batches:
+    """An endless, resumable source of batches over a fixed set of items: what the Trainer consumes.
+
+    A subclass sets ``self.batcher`` (a Batcher over its items) and defines ``batch(indices, seed)``;
+    ``seed`` is the drawn batch's own seed, for randomness inside it (masking, caption choice) that must
+    replay exactly on resume.
+    """
+
+    batcher: Batcher
+
+    def batch(self, indices: Sequence[int], seed: int | None = None) -> Any:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        indices = next(self.batcher)
+        return self.batch(indices, self.batcher.batch_seed)
+
+    def state_dict(self) -> dict:
+        return self.batcher.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batcher.load_state_dict(state)
+
+    def epoch_batches(self) -> Iterator[Any]:
+        """Every item once, in order, independent of the training position (for evaluation)."""
+        size, n = self.batcher.batch_size, self.batcher.n
+        for start in range(0, n, size):
+            yield self.batch(np.arange(start, min(start + size, n)), start)
+
+
+class LMBatches(Batches):
     """Endless causal-LM batches {"input_ids": x, "targets": y}, each (B, T), from a token stream."""
 
     def __init__(self, stream: np.ndarray | Sequence[int], block_size: int, batch_size: int, *, seed: int = 0,
@@ -182,25 +215,10 @@ class LMBatches:
         self.batcher = Batcher(len(self.blocks), batch_size, seed=seed, shuffle=shuffle,
                                drop_last=len(self.blocks) >= batch_size)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        x, y = self.blocks.get(next(self.batcher))
+    def batch(self, indices: Sequence[int], seed: int | None = None) -> dict[str, torch.Tensor]:
+        x, y = self.blocks.get(indices)
         return {"input_ids": x, "targets": y}
 
     @property
     def tokens_per_batch(self) -> int:
         return self.batcher.batch_size * self.blocks.block_size
-
-    def state_dict(self) -> dict:
-        return self.batcher.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batcher.load_state_dict(state)
-
-    def epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """One pass over every block in order (for evaluation), independent of the training position."""
-        for start in range(0, len(self.blocks), self.batcher.batch_size):
-            x, y = self.blocks.get(np.arange(start, min(start + self.batcher.batch_size, len(self.blocks))))
-            yield {"input_ids": x, "targets": y}

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from nanomm.data.corpus import split_sentences
-from nanomm.data.lm import Batcher
+from nanomm.data.lm import Batcher, Batches
 from nanomm.data.tokenizer import TextTokenizer
 
 __all__ = ["MaskedLM", "mask_tokens", "n_predictions", "wordpiece_word_ids", "NSPPair", "make_nsp_pairs",
@@ -267,7 +267,7 @@ class MaskingConfig:
     whole_word: bool = False  # choose whole words (WordPiece "##" pieces stay with their word)
 
 
-class MLMBatches:
+class MLMBatches(Batches):
     """Endless MLM+NSP batches: collated pairs, masked per batch with a seed from the batch's position."""
 
     def __init__(self, pairs: Sequence[NSPPair], tokenizer: TextTokenizer, batch_size: int, *, seed: int = 0,
@@ -279,7 +279,7 @@ class MLMBatches:
         self.batcher = Batcher(len(self.pairs), batch_size, seed=seed, shuffle=shuffle,
                                drop_last=len(self.pairs) >= batch_size)
 
-    def batch(self, indices: Sequence[int], seed: int) -> dict[str, Tensor]:
+    def batch(self, indices: Sequence[int], seed: int | None = 0) -> dict[str, Tensor]:
         """The pairs at ``indices``, collated and masked with ``seed``; adds ``labels``."""
         out = collate_pairs([self.pairs[i] for i in indices], self.tokenizer.pad_id)
         ids, m = out["input_ids"], self.masking
@@ -291,15 +291,3 @@ class MLMBatches:
                              generator=torch.Generator().manual_seed(seed))
         return {**out, "input_ids": masked.input_ids, "labels": masked.labels}
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, Tensor]:
-        indices = next(self.batcher)
-        return self.batch(indices, self.batcher.batch_seed)
-
-    def state_dict(self) -> dict:
-        return self.batcher.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batcher.load_state_dict(state)
