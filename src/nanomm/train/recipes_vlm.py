@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from safetensors.torch import load_model, save_model
 
 from nanomm.data.images import (COLOURS, POSITIONS, SHAPES, SIZES, ImageTextBatches, ShapesDataset,
                                 caption_tokenizer, load_image)
-from nanomm.data.lm import Batcher
+from nanomm.data.lm import Batcher, Batches
 from nanomm.data.tokenizer import TextTokenizer, load_tokenizer
 from nanomm.io import atomic_path, write_json
 from nanomm.models.blip2 import Blip2
@@ -85,23 +85,7 @@ def vlm_tokenizer() -> TextTokenizer:
 
 # ----------------------------------------------------------------------------- batches
 
-class _Resumable:
-    """A Batcher over n items; subclasses turn index batches into tensors."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.batcher = Batcher(n, batch_size, seed=seed)
-
-    def __iter__(self):  # noqa: ANN204
-        return self
-
-    def state_dict(self) -> dict:
-        return self.batcher.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batcher.load_state_dict(state)
-
-
-class QABatches(_Resumable):
+class QABatches(Batches):
     """LLaVA batches: [<s>, <image>, question…] then [answer…, </s>], labels on the answer only. mode
     "caption": no question, the caption answers (stage 1); "qa": one of the image's question–answer
     pairs, drawn with the batch's seed (stage 2). ``states`` (N, …): the frozen tower's precomputed
@@ -111,12 +95,11 @@ class QABatches(_Resumable):
                  states: torch.Tensor | None = None):
         if mode not in ("caption", "qa"):
             raise ValueError(f"mode: expected 'caption' or 'qa', got {mode!r}")
-        super().__init__(len(dataset), batch_size, seed)
+        self.batcher = Batcher(len(dataset), batch_size, seed=seed)
         self.dataset, self.tok, self.mode, self.states = dataset, tokenizer, mode, states
 
-    def __next__(self) -> dict[str, torch.Tensor]:
-        idx = next(self.batcher)
-        rng = np.random.default_rng(self.batcher.batch_seed)
+    def batch(self, idx: Sequence[int], seed: int | None = None) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng(seed)
         pairs = []
         for i in idx:
             qa = [("", self.dataset.captions[int(i)])] if self.mode == "caption" else self.dataset.qa(int(i))
@@ -144,15 +127,15 @@ class _WithStates:
         self.batches.load_state_dict(state)
 
 
-class TextBatches(_Resumable):
+class TextBatches(Batches):
     """Causal-LM batches of texts (no images): "<s> text </s>", targets shifted left, padding ignored."""
 
     def __init__(self, texts: list[str], tokenizer: TextTokenizer, batch_size: int, seed: int = 0):
-        super().__init__(len(texts), batch_size, seed)
+        self.batcher = Batcher(len(texts), batch_size, seed=seed)
         self.texts, self.tok = texts, tokenizer
 
-    def __next__(self) -> dict[str, torch.Tensor]:
-        enc = self.tok.encode_batch([self.texts[int(i)] for i in next(self.batcher)])
+    def batch(self, indices: Sequence[int], seed: int | None = None) -> dict[str, torch.Tensor]:
+        enc = self.tok.encode_batch([self.texts[int(i)] for i in indices])
         ids, mask = enc["input_ids"], enc["attention_mask"]
         targets = torch.cat([ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX),
                              torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
