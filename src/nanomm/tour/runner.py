@@ -10,6 +10,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
@@ -72,11 +73,16 @@ def run_chapter(topic: int, ctx: TourContext) -> TopicReport:
     mod = _load_chapter(module)
     if mod is None:
         return TopicReport(topic, title, NOT_IMPLEMENTED)
-    start = time.perf_counter()
+    start, threads = time.perf_counter(), torch.get_num_threads()
+    # the demos are tiny: intra-op threads buy nothing, and on a shared CPU each OpenMP barrier can cost a
+    # scheduler slice (an fp16 bmm took 2.5 s with 2 threads under load, 0.7 ms with 1)
+    torch.set_num_threads(1)
     try:
         result: Chapter = mod.run(ctx)
     except Exception:  # a broken chapter is reported, and the tour goes on to the next
         return TopicReport(topic, title, "error", seconds=time.perf_counter() - start, error=traceback.format_exc())
+    finally:
+        torch.set_num_threads(threads)
     plots = [os.path.relpath(p, ctx.out) for p in result.plots]
     demo = {k: _json_number(v) for k, v in result.demo.items()}
     return TopicReport(topic, title, "ok", [asdict(c) for c in result.claims], demo,

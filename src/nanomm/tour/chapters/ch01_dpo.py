@@ -125,18 +125,13 @@ def _plot(ctx: TourContext, rows: list[dict]) -> object:
 
 
 def run(ctx: TourContext) -> Chapter:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared CPU: one thread is steadier than two contending
-    try:
-        base = tiny_base(ctx.quick, ctx.seed)
-        # lr 1e-3, 10x the recipe's: large enough to move in a few steps, and over 200 steps it shows the
-        # failure the curves are there to reveal (the margin grows by pushing every answer down)
-        sft_steps, dpo_steps, lr = (60, 25, 1e-3) if ctx.quick else (400, 200, 1e-3)
-        sft_state = {k: v.clone() for k, v in _sft(base, sft_steps, ctx.seed).state_dict().items()}
-        live = _dpo(base, sft_state, 0.1, dpo_steps, lr, ctx.seed)
-        stiff = _dpo(base, sft_state, 1.0, dpo_steps, lr, ctx.seed, generate=False)
-    finally:
-        torch.set_num_threads(threads)
+    base = tiny_base(ctx.quick, ctx.seed)
+    # lr 1e-3, 10x the recipe's: large enough to move in a few steps, and over 200 steps it shows the
+    # failure the curves are there to reveal (the margin grows by pushing every answer down)
+    sft_steps, dpo_steps, lr = (60, 25, 1e-3) if ctx.quick else (400, 200, 1e-3)
+    sft_state = {k: v.clone() for k, v in _sft(base, sft_steps, ctx.seed).state_dict().items()}
+    live = _dpo(base, sft_state, 0.1, dpo_steps, lr, ctx.seed)
+    stiff = _dpo(base, sft_state, 1.0, dpo_steps, lr, ctx.seed, generate=False)
     f = _formulas(ctx.seed)
     kl = _optimum_kl(ctx.seed)
     start, end = live["start"], live["end"]

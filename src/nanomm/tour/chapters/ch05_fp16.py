@@ -11,7 +11,6 @@ exist after a real AdamW step, in fp32 and in mixed fp16.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -39,19 +38,6 @@ def _data(n: int = 256, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch
 def _mlp(d: int = 32, h: int = 64, seed: int = 1) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d, h), nn.LayerNorm(h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, 4))
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed CPU each OpenMP
-    barrier can cost a scheduler time slice (an fp16 bmm with a transposed operand took 2.5 s with 2
-    threads under load, 0.7 ms with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _loss(mp: MixedPrecision, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -190,11 +176,6 @@ def _plot(trace: dict[str, list], inject: set[int], path) -> None:
 
 
 def run(ctx: TourContext) -> Chapter:
-    with single_thread():
-        return _run(ctx)
-
-
-def _run(ctx: TourContext) -> Chapter:
     f16, f32 = float_format("fp16"), float_format("fp32")
     fi = torch.finfo(torch.float16)
     fractions, median_g = underflow({"S=1": 1.0, "S=1024": 1024.0, "S=2^16": 2.0**16})

@@ -168,12 +168,7 @@ def _train_and_eval(kind: str, steps: int, seed: int) -> Tensor:
 
 def _extrapolation(ctx: TourContext) -> tuple[Claim, dict[str, float], list]:
     steps = 100 if ctx.quick else 250
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors this small only lose to thread hand-offs, badly so on a busy CPU
-    try:
-        acc = {kind: _train_and_eval(kind, steps, ctx.seed) for kind in _OneHead.ABSOLUTE}
-    finally:
-        torch.set_num_threads(threads)
+    acc = {kind: _train_and_eval(kind, steps, ctx.seed) for kind in _OneHead.ABSOLUTE}
     inside = {k: float(a[LAG:TRAIN_LEN].mean()) for k, a in acc.items()}
     past = {k: float(a[TRAIN_LEN:].mean()) for k, a in acc.items() if k != "learned"}
     demo = {f"{k}_acc_len{TRAIN_LEN}": v for k, v in inside.items()}

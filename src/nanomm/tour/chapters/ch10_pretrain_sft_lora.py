@@ -144,16 +144,11 @@ def _llama7b_lora() -> peft.PeftReport:
 
 
 def run(ctx: TourContext) -> Chapter:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared CPU: one thread is steadier than two contending
-    try:
-        base = tiny_base(ctx.quick, ctx.seed)
-        steps = 60 if ctx.quick else 400
-        full = _sft(base, "none", steps, 3e-3, ctx.seed)
-        lora = _sft(base, "lora", steps, 1e-2, ctx.seed)  # few trained weights: larger steps
-        identity = _lora_identity(base)
-    finally:
-        torch.set_num_threads(threads)
+    base = tiny_base(ctx.quick, ctx.seed)
+    steps = 60 if ctx.quick else 400
+    full = _sft(base, "none", steps, 3e-3, ctx.seed)
+    lora = _sft(base, "lora", steps, 1e-2, ctx.seed)  # few trained weights: larger steps
+    identity = _lora_identity(base)
     pre_changed, pre_tensors = changed(base.initial, dict(base.model().named_parameters()))
     big = _llama7b_lora()
     llama7b = count_params(preset("llama-7b")).total

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from nanomm.nn.attention import MultiHeadAttention
 from nanomm.tour.chapter import Chapter, Claim, TourContext
-from nanomm.tour.chapters.ch05_fp16 import memory_figures, single_thread
+from nanomm.tour.chapters.ch05_fp16 import memory_figures
 from nanomm.train.precision import FP32_POLICY, MixedPrecision, float_format
 
 ID = 14
@@ -184,11 +184,6 @@ def _plot(curves: dict[str, list[float]], path) -> None:
 
 
 def run(ctx: TourContext) -> Chapter:
-    with single_thread():
-        return _run(ctx)
-
-
-def _run(ctx: TourContext) -> Chapter:
     policy = {name: rule for name, (_, rule, _) in FP32_POLICY.items()}
     cpu = torch_cpu_autocast()
     err = accumulator_errors(ctx.quick)

@@ -39,14 +39,9 @@ def _timed_steps(model, ids: torch.Tensor, n: int, use_cache: bool):
 def _kv_reuse(ctx: TourContext, model, m64, ids: torch.Tensor) -> tuple[Claim, dict[str, float], dict]:
     n = 32 if ctx.quick else 128
     marks = [m for m in (16, 32, 64, 128) if m < n] + [n]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one core: steadier ratios when the machine is shared
-    try:
-        generate(model, ids, max_new_tokens=4)  # warm-up
-        cached, a = _timed_steps(model, ids, n, True)
-        uncached, b = _timed_steps(model, ids, n, False)
-    finally:
-        torch.set_num_threads(threads)
+    generate(model, ids, max_new_tokens=4)  # warm-up
+    cached, a = _timed_steps(model, ids, n, True)
+    uncached, b = _timed_steps(model, ids, n, False)
     diff32 = max(float((x - y).abs().max()) for x, y in zip(a.logits, b.logits))
     # float64: cached and uncached differ only by summation order
     a64, b64 = (generate(m64, ids, max_new_tokens=16, use_cache=c, output_logits=True) for c in (True, False))

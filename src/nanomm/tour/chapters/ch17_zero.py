@@ -20,7 +20,6 @@ import torch
 
 from nanomm.models import build, count_params, preset
 from nanomm.tour.chapter import Chapter, Claim, TourContext
-from nanomm.tour.chapters.ch05_fp16 import single_thread
 from nanomm.train.memory import GB, activations, limit_reduction, model_states, reduction
 from nanomm.train.objectives import causal_lm
 from nanomm.train.trainer import TrainConfig
@@ -232,11 +231,6 @@ def _plot(ctx: TourContext) -> object:
 
 
 def run(ctx: TourContext) -> Chapter:
-    with single_thread():  # tiny models; see ch05
-        return _run(ctx)
-
-
-def _run(ctx: TourContext) -> Chapter:
     claims = [_sixteen_bytes(),
               _stage_claim(1, "ZeRO-1：分片优化器状态, 显存减少 4x（假设 Adam 占主要）", 4),
               _stage_claim(2, "ZeRO-2：分片优化器状态 + 梯度, 显存减少 8x", 8),

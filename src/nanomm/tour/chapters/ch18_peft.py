@@ -114,24 +114,19 @@ def _placement(base: TinyBase) -> dict[str, list[str]]:
 
 
 def run(ctx: TourContext) -> Chapter:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared CPU: one thread is steadier than two contending
-    try:
-        base = tiny_base(ctx.quick, ctx.seed)
-        steps, repeats = (30, 8) if ctx.quick else (300, 40)
-        rows, models = {}, {"base": base.model()}
-        for method in PEFT_METHODS:
-            rows[method], timed = _method(base, method, steps, ctx.seed)
-            models.update(timed)
-        batch = prompt_batch(make_examples("heldout", seed=ctx.seed, limit=8), base.tokenizer)
-        times = _forward_times(models, batch, repeats)
-        for name, t in times.items():
-            if name != "base":
-                method, kind = name.split("/")
-                rows[method][f"{kind}_time_ratio"] = t / times["base"]
-        placement = _placement(base)
-    finally:
-        torch.set_num_threads(threads)
+    base = tiny_base(ctx.quick, ctx.seed)
+    steps, repeats = (30, 8) if ctx.quick else (300, 40)
+    rows, models = {}, {"base": base.model()}
+    for method in PEFT_METHODS:
+        rows[method], timed = _method(base, method, steps, ctx.seed)
+        models.update(timed)
+    batch = prompt_batch(make_examples("heldout", seed=ctx.seed, limit=8), base.tokenizer)
+    times = _forward_times(models, batch, repeats)
+    for name, t in times.items():
+        if name != "base":
+            method, kind = name.split("/")
+            rows[method][f"{kind}_time_ratio"] = t / times["base"]
+    placement = _placement(base)
     shares = _llama7b_shares()
     n7b = count_params(preset("llama-7b")).total
     full_gb = model_states(n7b, precision="fp32").total / GB
