@@ -56,7 +56,7 @@ HF_VISION = dict(image_size=30, patch_size=6, hidden_size=32, intermediate_size=
 @pytest.fixture(scope="module")
 def pair():
     """A random transformers CLIPVisionModel (norms perturbed) and nanomm's ViT with its weights."""
-    from nanomm.models.clip import CLIP_VISION_RULES, _map_in, _our_weights
+    from nanomm.models.clip import CLIP_VISION_RULES, map_in, our_weights
     from nanomm.models.hub_formats import Family
 
     torch.manual_seed(0)
@@ -68,9 +68,9 @@ def pair():
     ours = ViT(ViTConfig(image_size=30, patch_size=6, n_layer=3, n_head=4, dim=32, ff_dim=37)).eval()
     family = Family("clip_vision", "", (), CLIP_VISION_RULES, None, None)
     state = {k.removeprefix("vision_model."): v for k, v in hf.state_dict().items()}
-    weights, _ = _our_weights(ours)
+    weights, _ = our_weights(ours)
     with torch.no_grad():
-        for name, value in _map_in(family, state, ours).items():
+        for name, value in map_in(family, state, ours).items():
             weights[name].copy_(value)
     return hf, ours
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from nanomm.io import write_json, write_safetensors
 from nanomm.models.gpt import check_input_ids
-from nanomm.models.hub import _map_in, _our_weights, read_hf_weights
+from nanomm.models.hub import map_in, our_weights, read_hf_weights
 from nanomm.models.hub_formats import Family, Rule
 from nanomm.models.outputs import BaseModelOutput
 from nanomm.models.vision_config import CLIPConfig, CLIPTextConfig, ViTConfig
@@ -249,7 +249,7 @@ def _act(cfg: dict) -> str:
     return _ACT_IN[act]
 
 
-def _clip_config_in(cfg: dict, names: set[str] | None = None) -> CLIPConfig:
+def clip_config_in(cfg: dict, names: set[str] | None = None) -> CLIPConfig:
     v, t = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
     vision = ViTConfig(
         image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32), channels=v.get("num_channels", 3),
@@ -298,7 +298,7 @@ def _clip_config_out(c: CLIPConfig) -> dict[str, Any]:
     }
 
 
-CLIP_FAMILY = Family("clip", "", (), CLIP_RULES, _clip_config_in, _clip_config_out,
+CLIP_FAMILY = Family("clip", "", (), CLIP_RULES, clip_config_in, _clip_config_out,
                      ignore=(r".*position_ids$",))
 
 
@@ -312,10 +312,10 @@ def clip_from_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     if cfg.get("model_type") != "clip":
         raise ValueError(f"config.json: expected model_type 'clip', got {cfg.get('model_type')!r}")
     with torch.device(device):
-        model = CLIP(_clip_config_in(cfg))
-    weights, _ = _our_weights(model)
+        model = CLIP(clip_config_in(cfg))
+    weights, _ = our_weights(model)
     with torch.no_grad():
-        for name, value in _map_in(CLIP_FAMILY, read_hf_weights(folder), model).items():
+        for name, value in map_in(CLIP_FAMILY, read_hf_weights(folder), model).items():
             weights[name].copy_(value)
     return model.to(dtype).eval()
 
@@ -326,7 +326,7 @@ def clip_to_hf(model: CLIP, path: str | os.PathLike, *, extra: dict[str, Any] | 
     if not isinstance(model, CLIP):
         raise TypeError(f"model: expected a nanomm CLIP, got {type(model).__name__}")
     cfg = {**_clip_config_out(model.config), **(extra or {})}
-    weights, _ = _our_weights(model)
+    weights, _ = our_weights(model)
     layers = {"vision.": model.config.vision.n_layer, "text.": model.config.text.n_layer}
     out: dict[str, Tensor] = {}
     used: set[str] = set()

@@ -125,7 +125,7 @@ def _our_prefix(model: nn.Module) -> str:
     return "bert." if isinstance(model, BertForPreTraining) else ""
 
 
-def _our_weights(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+def our_weights(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
     """nanomm tensors by name (without the model's own base prefix), and tied alias -> owner."""
     prefix = _our_prefix(model)
     strip = (lambda n: n[len(prefix):] if prefix and n.startswith(prefix) else n)
@@ -150,12 +150,12 @@ def _listing(title: str, items: list[str]) -> str:
     return f"{title} ({len(items)}):\n  " + "\n  ".join(shown)
 
 
-def _map_in(family: Family, hf: dict[str, Tensor], model: nn.Module,
+def map_in(family: Family, hf: dict[str, Tensor], model: nn.Module,
             origin: dict[str, str] | None = None) -> dict[str, Tensor]:
     """Checkpoint tensors (names already normalised; ``origin`` maps them back for messages) ->
     nanomm tensors by name; strict."""
     origin = origin or {}
-    weights, aliases = _our_weights(model)
+    weights, aliases = our_weights(model)
     rules = [(r, r.pattern()) for r in family.rules]
     ignore = [re.compile(p) for p in family.ignore]
     got: dict[str, list[tuple[str, Tensor]]] = {}
@@ -190,7 +190,7 @@ def _map_in(family: Family, hf: dict[str, Tensor], model: nn.Module,
 
 def _map_out(family: Family, model: nn.Module) -> dict[str, Tensor]:
     """nanomm weights -> HF names and layouts; every nanomm weight must find a rule."""
-    weights, _ = _our_weights(model)
+    weights, _ = our_weights(model)
     hf_prefix = "" if isinstance(model, BertModel) else family.base_prefix
     out: dict[str, Tensor] = {}
     used: set[str] = set()
@@ -214,7 +214,7 @@ def _map_out(family: Family, model: nn.Module) -> dict[str, Tensor]:
 # ----------------------------------------------------------------------------- public API
 
 # model_type -> (reader, writer, nanomm class name) of families whose loader lives beside their model,
-# as "module:function"; they reuse this module's strict name mapping (_map_in, _our_weights)
+# as "module:function"; they reuse this module's strict name mapping (map_in, our_weights)
 MULTIMODAL_LOADERS: dict[str, tuple[str, str, str]] = {
     "clip": ("nanomm.models.clip:clip_from_hf", "nanomm.models.clip:clip_to_hf", "CLIP"),
 }
@@ -249,9 +249,9 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
             name = name.replace(old, new)
         hf[name], origin[name] = t, stored
     model = build(family.config_in(cfg, set(hf)), device=device)
-    weights, _ = _our_weights(model)
+    weights, _ = our_weights(model)
     with torch.no_grad():
-        for name, value in _map_in(family, hf, model, origin).items():
+        for name, value in map_in(family, hf, model, origin).items():
             weights[name].copy_(value)
     return model.to(dtype).eval()
 

@@ -203,7 +203,7 @@ def _gpt1_out(c: GPTConfig) -> dict:
                 embd_pdrop=c.dropout, attn_pdrop=0.0, initializer_range=c.init_std)
 
 
-def _llama_in(cfg: dict, names: set[str]) -> LlamaConfig:
+def llama_config_in(cfg: dict, names: set[str]) -> LlamaConfig:
     _require(cfg, "hidden_act", ("silu",), "silu")
     for key in ("attention_bias", "mlp_bias"):
         _require(cfg, key, (False,), False)
@@ -250,6 +250,6 @@ FAMILIES: dict[str, Family] = {
                    ignore=(r"h\.\d+\.attn\.(bias|masked_bias)$",)),
     "openai-gpt": Family("openai-gpt", "transformer.", ("lm_head.",), GPT1_RULES, _gpt1_in, _gpt1_out,
                          ignore=(r"h\.\d+\.attn\.bias$", r"position_ids$")),
-    "llama": Family("llama", "model.", ("lm_head.",), LLAMA_RULES, _llama_in, _llama_out,
+    "llama": Family("llama", "model.", ("lm_head.",), LLAMA_RULES, llama_config_in, _llama_out,
                     ignore=(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq$",)),
 }

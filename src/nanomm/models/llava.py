@@ -21,7 +21,6 @@ non-token vectors (BLIP-2's queries too) reaches the LM; ``generate`` continues 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from nanomm.models.config import GPTConfig, LlamaConfig
-from nanomm.models.gpt import GPT, DecoderLM, _mask_and_positions
+from nanomm.models.gpt import GPT, DecoderLM
 from nanomm.models.llama import Llama
 from nanomm.models.multimodal_config import LlavaConfig
 from nanomm.models.outputs import CausalLMOutput
@@ -56,24 +55,9 @@ def build_decoder(config: GPTConfig | LlamaConfig) -> DecoderLM:
 def decode_embeds(lm: DecoderLM, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
                   position_ids: Tensor | None = None, past_key_values: KVCache | None = None,
                   use_cache: bool = False) -> CausalLMOutput:
-    """DecoderLM's forward pass from (B, T, d) input embeddings instead of token ids; same mask,
-    position and cache rules (positions count real tokens, cumsum − 1)."""
-    if "inputs_embeds" in inspect.signature(lm.forward).parameters:  # a decoder that takes them itself
-        return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                  past_key_values=past_key_values, use_cache=use_cache)
-    if not isinstance(inputs_embeds, Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != lm.config.dim:
-        got = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, Tensor) else type(inputs_embeds).__name__
-        raise ValueError(f"inputs_embeds: expected (B, T, d={lm.config.dim}), got {got}")
-    B, T, _ = inputs_embeds.shape
-    cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
-    past = cache.length if cache is not None else 0
-    attn_mask, position_ids = _mask_and_positions(attention_mask, position_ids, B, T, past, inputs_embeds.device)
-    x = lm.drop(inputs_embeds + lm.positions.embed(position_ids))  # (B, T, d)
-    extra = lm.positions.attention_kwargs(position_ids)
-    for i, block in enumerate(lm.blocks):
-        x = block(x, attn_mask=attn_mask, causal=T > 1, cache=cache, layer_idx=i, **extra)
-    x = lm.norm(x)
-    return CausalLMOutput(logits=lm.lm_head(x), past_key_values=cache, last_hidden_state=x)
+    """The decoder fed (B, T, d) input embeddings (image tokens spliced in) instead of token ids."""
+    return lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+              past_key_values=past_key_values, use_cache=use_cache)
 
 
 # ----------------------------------------------------------------------------- projectors
@@ -286,8 +270,8 @@ def _hf_rules(projector: str) -> list:
 
 def llava_config_from_hf(cfg: dict) -> LlavaConfig:
     """transformers' LlavaConfig (as a config.json dict) -> nanomm's; options nanomm lacks are refused."""
-    from nanomm.models.clip import _clip_config_in
-    from nanomm.models.hub_formats import _llama_in
+    from nanomm.models.clip import clip_config_in
+    from nanomm.models.hub_formats import llama_config_in
 
     if cfg.get("projector_hidden_act", "gelu") != "gelu" or not cfg.get("multimodal_projector_bias", True):
         raise ValueError("config.json: nanomm's LLaVA projector is Linear-GELU-Linear with biases; got "
@@ -297,8 +281,8 @@ def llava_config_from_hf(cfg: dict) -> LlavaConfig:
     if not isinstance(layer, int) or select not in _FEATURE_SELECT_IN:
         raise ValueError(f"config.json: expected one int vision_feature_layer and a strategy in "
                          f"{sorted(_FEATURE_SELECT_IN)}, got {layer!r}, {select!r}")
-    vision = _clip_config_in({"vision_config": cfg["vision_config"]}).vision
-    lm = _llama_in(cfg["text_config"], set())
+    vision = clip_config_in({"vision_config": cfg["vision_config"]}).vision
+    lm = llama_config_in(cfg["text_config"], set())
     return LlavaConfig(vision=vision, lm=lm, projector="mlp2x_gelu", vision_feature_layer=layer,
                        feature_select=_FEATURE_SELECT_IN[select],
                        image_token_id=cfg.get("image_token_index", cfg.get("image_token_id", 32000)))
@@ -309,7 +293,7 @@ def llava_from_hf(path) -> Llava:  # noqa: ANN001 - a folder path
     import json
     from pathlib import Path
 
-    from nanomm.models.hub import _map_in, _our_weights, read_hf_weights
+    from nanomm.models.hub import map_in, our_weights, read_hf_weights
     from nanomm.models.hub_formats import Family
 
     folder = Path(path)
@@ -322,8 +306,8 @@ def llava_from_hf(path) -> Llava:  # noqa: ANN001 - a folder path
     model = Llava(config)
     family = Family("llava", "", (), _hf_rules(config.projector), None, None, ignore=(r".*position_ids$",))
     tensors = {_normalise(k): v for k, v in read_hf_weights(folder).items()}
-    weights, _ = _our_weights(model)
+    weights, _ = our_weights(model)
     with torch.no_grad():
-        for name, value in _map_in(family, tensors, model).items():
+        for name, value in map_in(family, tensors, model).items():
             weights[name].copy_(value)
     return model.eval()
